@@ -1,0 +1,1 @@
+"""The built-in demo experiment: a genetic algorithm run as a small matrix."""

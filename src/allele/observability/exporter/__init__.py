@@ -1,0 +1,1 @@
+"""The exporter: the background loop that drains the bus and delivers batches."""

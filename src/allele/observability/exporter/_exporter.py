@@ -1,0 +1,576 @@
+"""
+The exporter: an anyio loop that drains the lanes and delivers batches per run.
+
+One *round*: take the flush tickets, drain the control lane, then drain the data lane
+up to its length at that moment (so a run's end is never delivered before its metrics),
+sort everything into per-run backlogs, and deliver each backlog in ``log_batch`` requests
+within MLflow's limits. Blocking store calls run in worker threads under a
+``CapacityLimiter``; each call gives up after ``EXPORT_TIMEOUT``.
+
+Failures are classified by the backend: retryable ones keep the backlog and back off
+(exponential, full jitter); rejected ones are isolated by splitting the batch, and the
+offending rows are dead-lettered with the store's reason.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import random
+import threading
+import time
+from collections import deque
+from typing import TYPE_CHECKING, Any
+
+import anyio
+import anyio.to_thread
+
+from .._stats import KINDS
+from ..sinks._base import Backend, DeliveryError, MetricRow, ParamRow, TagRow
+from ._batching import split_batches
+from ._deadletter import DeadLetters
+
+if TYPE_CHECKING:
+    from collections.abc import Callable
+
+    from .._runs import Run
+    from ..config import Settings
+
+__all__ = ("Exporter", "FlushTicket")
+
+logger = logging.getLogger("allele.observability")
+
+_KIND_OF = {
+    "run_start": "run",
+    "run_end": "run",
+    "param": "param",
+    "tag": "tag",
+    "artifact": "artifact",
+}
+_BACKOFF_BASE = 0.25
+_BACKOFF_CAP = 30.0
+#: consecutive failed attempts before the state is "offline"
+_OFFLINE_AFTER = 3
+
+
+class FlushTicket:
+    """A request to deliver everything emitted before it; resolved by the exporter."""
+
+    __slots__ = ("done", "ok")
+
+    def __init__(self) -> None:
+        self.done = threading.Event()
+        self.ok = False
+
+
+class _Backlog:
+    """What one run still owes the store, in delivery order."""
+
+    __slots__ = ("artifacts", "end", "metrics", "params", "started", "system", "tags")
+
+    def __init__(self) -> None:
+        self.started = False
+        self.metrics: list[MetricRow] = []
+        #: system samples (counted under kind "system")
+        self.system: list[MetricRow] = []
+        self.params: list[ParamRow] = []
+        self.tags: list[TagRow] = []
+        self.artifacts: list[tuple[str, str | None]] = []
+        self.end: tuple[str, int] | None = None
+
+    def empty(self) -> bool:
+        return not (self.metrics or self.system or self.params or self.tags or self.artifacts)
+
+
+class Exporter:
+    """
+    Drains a bus and delivers to a backend. Owned by ``Observability``.
+
+    Args:
+        bus: the Observability instance whose lanes to drain.
+        settings: the effective settings.
+        backend_factory: builds the backend (called on the exporter's loop).
+    """
+
+    def __init__(
+        self, bus: Any, settings: Settings, backend_factory: Callable[[], Backend]
+    ) -> None:
+        self._bus = bus
+        self._settings = settings
+        self._backend_factory = backend_factory
+        self._backend: Backend | None = None
+        self.lock = threading.Lock()
+        self.drained = dict.fromkeys(KINDS, 0)
+        self.outcomes: dict[str, dict[str, int]] = {
+            o: dict.fromkeys(KINDS, 0) for o in ("delivered", "dropped", "dead_lettered", "spooled")
+        }
+        self.failures: dict[str, int] = {}
+        self.drop_reasons: dict[str, int] = {}
+        self.state = "healthy"
+        self._backlogs: dict[Run, _Backlog] = {}
+        self._experiments: dict[str, str] = {}
+        self._tickets: deque[FlushTicket] = deque()
+        self._owned_tickets: list[FlushTicket] = []
+        self._dead = DeadLetters(settings.spool_dir)
+        self._stop = False
+        self._deadline: float | None = None
+        self._consecutive_failures = 0
+        self._retry_at = 0.0
+        self._wake_event: anyio.Event | None = None
+        self._thread: threading.Thread | None = None
+        self._finished = threading.Event()
+        self._warned_names = 0
+        self._system: Any = None
+
+    # -- lifecycle (any thread) -------------------------------------------------------------
+    def start_thread(self) -> None:
+        """Run the loop in a daemon thread."""
+        self._thread = threading.Thread(
+            target=self._thread_main, name="allele-exporter", daemon=True
+        )
+        self._thread.start()
+
+    def _thread_main(self) -> None:
+        try:
+            anyio.run(self.run_loop, backend="asyncio")
+        except BaseException:
+            logger.exception("allele-observability exporter crashed; events stay counted")
+        finally:
+            self._finished.set()
+
+    def request_flush(self) -> FlushTicket:
+        """Queue a flush ticket and wake the loop."""
+        ticket = FlushTicket()
+        self._tickets.append(ticket)
+        self._bus._wake()
+        return ticket
+
+    def stop(self, deadline: float) -> bool:
+        """Ask the loop to deliver what it can before ``deadline`` and exit; wait for it."""
+        self._deadline = deadline
+        self._stop = True
+        self._bus._wake()
+        remaining = max(0.0, deadline - time.monotonic())
+        return self._finished.wait(remaining + 0.5)
+
+    @property
+    def alive(self) -> bool:
+        """Whether the loop is running."""
+        return not self._finished.is_set() and self._thread is not None
+
+    # -- the loop ---------------------------------------------------------------------------
+    async def run_loop(self) -> None:
+        """The exporter's main coroutine (runs in our thread or in the caller's loop)."""
+        import asyncio
+
+        loop = asyncio.get_running_loop()
+        limiter = anyio.CapacityLimiter(1)
+        self._wake_event = anyio.Event()
+
+        def wake() -> None:
+            ev = self._wake_event
+            if ev is not None:
+                ev.set()
+
+        def wake_threadsafe() -> None:
+            with contextlib.suppress(RuntimeError):  # the loop has closed
+                loop.call_soon_threadsafe(wake)
+
+        self._bus._wake = wake_threadsafe
+        try:
+            self._backend = self._backend_factory()
+            async with anyio.create_task_group() as tg:
+                if self._settings.system_metrics_interval > 0:
+                    from ..sources._system import SystemSampler
+
+                    self._system = SystemSampler()
+                    tg.start_soon(self._system_loop)
+                await self._main(limiter)
+                tg.cancel_scope.cancel()
+        finally:
+            self._bus._wake = _nop
+            backend, self._backend = self._backend, None
+            if backend is not None:
+                backend.close()
+
+    async def _main(self, limiter: anyio.CapacityLimiter) -> None:
+        bus = self._bus
+        interval = self._settings.flush_interval
+        while True:
+            if not self._stop and not self._work_ready():
+                self._wake_event = anyio.Event()
+                bus._exporter_sleeping = True
+                if not self._work_ready():  # re-check: a producer may have missed the flag
+                    wait = interval
+                    if self._pending_backlog():
+                        wait = min(wait, max(0.0, self._retry_at - time.monotonic()))
+                    with anyio.move_on_after(wait):
+                        await self._wake_event.wait()
+                bus._exporter_sleeping = False
+            await self._round(limiter)
+            if self._stop:
+                if not self._pending_backlog() and not bus._ctrl and not bus._data:
+                    break
+                if self._deadline is not None and time.monotonic() >= self._deadline:
+                    self._abandon("shutdown_timeout")
+                    break
+                if self._retry_at > time.monotonic():
+                    await anyio.sleep(min(0.05, self._retry_at - time.monotonic()))
+
+    def _work_ready(self) -> bool:
+        bus = self._bus
+        return bool(bus._ctrl) or len(bus._data) >= bus._batch or bool(self._tickets)
+
+    def _pending_backlog(self) -> bool:
+        return any(not b.empty() or b.end is not None for b in self._backlogs.values())
+
+    async def _system_loop(self) -> None:
+        interval = self._settings.system_metrics_interval
+        while True:
+            await anyio.sleep(interval)
+            runs = self._bus._open_runs()
+            if not runs:
+                continue
+            values = self._system.sample()
+            ts = time.time_ns() // 1_000_000
+            with self.lock:
+                for run in runs:
+                    rows = [(k, v, ts, run.step) for k, v in values.items()]
+                    self._backlog(run).system.extend(rows)
+                    self.drained["system"] += len(rows)
+                    _add(run.acct, "emitted", len(rows))
+
+    # -- one round ----------------------------------------------------------------------------
+    def _backlog(self, run: Run) -> _Backlog:
+        b = self._backlogs.get(run)
+        if b is None:
+            b = self._backlogs[run] = _Backlog()
+        return b
+
+    async def _round(self, limiter: anyio.CapacityLimiter) -> None:
+        bus = self._bus
+        tickets = self._tickets
+        for _ in range(len(tickets)):
+            self._owned_tickets.append(tickets.popleft())
+        with self.lock:
+            ctrl = bus._ctrl
+            events = [ctrl.popleft() for _ in range(len(ctrl))]
+            data = bus._data
+            items = [data.popleft() for _ in range(len(data))]
+            drained = self.drained
+            drained["metric"] += len(items)
+            for ev in events:
+                drained[_KIND_OF[ev[0]]] += 1
+        for ev in events:
+            kind, run = ev[0], ev[1]
+            b = self._backlog(run)
+            _add(run.acct, "emitted", 1)
+            if kind == "run_start":
+                b.started = True
+                _add(run.acct, "emitted", len(ev[3]) + len(ev[2]))
+                b.params.extend(ev[3].items())
+                b.tags.extend(ev[2].items())
+            elif kind == "param":
+                b.params.append((ev[2], ev[3]))
+            elif kind == "tag":
+                b.tags.append((ev[2], ev[3]))
+            elif kind == "artifact":
+                b.artifacts.append((ev[2], ev[3]))
+            elif kind == "run_end":
+                b.end = (ev[2], ev[3])
+        last: Run | None = None
+        rows: list[MetricRow] = []
+        per_run: dict[Run, int] = {}
+        for run, key, value, ts, step in items:
+            if run is not last:
+                rows = self._backlog(run).metrics
+                last = run
+                per_run.setdefault(run, 0)
+            rows.append((key, value, ts, step))
+            per_run[run] += 1
+        for run, n in per_run.items():
+            _add(run.acct, "emitted", n)
+        if len(bus.sanitized) != self._warned_names:
+            self._warn_sanitized()
+        if time.monotonic() >= self._retry_at:
+            await self._deliver_all(limiter)
+        if not self._pending_backlog():
+            for t in self._owned_tickets:
+                t.ok = True
+                t.done.set()
+            self._owned_tickets.clear()
+
+    async def _deliver_all(self, limiter: anyio.CapacityLimiter) -> None:
+        # Create every new run first, so run ids are known at once, not after the bulk
+        # data of the runs before them.
+        for run in list(self._backlogs):
+            b = self._backlogs.get(run)
+            if b is None or run._run_id is not None:
+                continue
+            try:
+                await self._ensure_created(run, b, limiter)
+            except DeliveryError as err:
+                self._failed(err)
+                return
+        for run in list(self._backlogs):
+            b = self._backlogs.get(run)
+            if b is None:
+                continue
+            try:
+                await self._deliver_run(run, b, limiter)
+            except DeliveryError as err:
+                self._failed(err)
+                return
+            if run in self._backlogs and b.empty() and b.end is None and run._run_id is not None:
+                del self._backlogs[run]
+        self._succeeded()
+
+    async def _call(self, limiter: anyio.CapacityLimiter, fn: Any, *args: Any) -> Any:
+        timeout = self._settings.export_timeout
+        if self._deadline is not None:
+            timeout = max(0.01, min(timeout, self._deadline - time.monotonic()))
+        with anyio.fail_after(timeout + 1.0):
+            return await anyio.to_thread.run_sync(
+                fn, *args, limiter=limiter, abandon_on_cancel=True
+            )
+
+    async def _deliver_run(self, run: Run, b: _Backlog, limiter: anyio.CapacityLimiter) -> None:
+        backend = self._backend
+        assert backend is not None
+        if run._run_id is None:
+            return  # not created yet (its start is still in the lane, or creation failed)
+        run_id = run._run_id
+        while b.params or b.tags or b.metrics or b.system:
+            metrics = b.metrics[:1000] if b.metrics else b.system[:1000]
+            is_system = not b.metrics
+            batch = next(
+                split_batches(
+                    metrics, b.params, b.tags, max_metrics=self._settings.metrics_batch_size
+                )
+            )
+            bm, bp, bt = batch
+            await self._log_batch(run, run_id, bm, bp, bt, is_system, limiter)
+            if is_system:
+                del b.system[: len(bm)]
+            else:
+                del b.metrics[: len(bm)]
+            del b.params[: len(bp)]
+            del b.tags[: len(bt)]
+        while b.artifacts:
+            local, apath = b.artifacts[0]
+            try:
+                await self._call(limiter, backend.log_artifact, run_id, local, apath)
+            except DeliveryError as err:
+                if err.retryable:
+                    raise
+                self._dead.write("artifact", run, [(local, apath)], err)
+                self._count(run, "artifact", "dead_lettered", 1)
+            else:
+                self._count(run, "artifact", "delivered", 1)
+            b.artifacts.pop(0)
+        if b.end is not None:
+            status, end_time = b.end
+            tags = self._accounting_tags(run)
+            await self._call(limiter, backend.log_batch, run_id, [], [], tags)
+            await self._call(limiter, backend.end_run, run_id, status, end_time)
+            self._count(run, "run", "delivered", 1)
+            del self._backlogs[run]
+
+    async def _ensure_created(self, run: Run, b: _Backlog, limiter: anyio.CapacityLimiter) -> None:
+        if not b.started:
+            return  # its run_start is still in the lane
+        if run.parent is not None and run.parent._run_id is None:
+            return  # the parent is created first (it precedes its children in the backlog)
+        try:
+            run_id = await self._create_run(run, limiter)
+        except DeliveryError as err:
+            if err.retryable:
+                raise
+            self._dead_letter_run(run, b, err)
+            return
+        run._set_run_id(run_id)
+
+    async def _create_run(self, run: Run, limiter: anyio.CapacityLimiter) -> str:
+        backend = self._backend
+        assert backend is not None
+        exp_name = self._settings.experiment_prefix + run.experiment
+        exp_id = self._experiments.get(exp_name)
+        if exp_id is None:
+            exp_id = await self._call(
+                limiter, backend.ensure_experiment, exp_name, self._settings.artifact_location
+            )
+            self._experiments[exp_name] = exp_id
+        tags = {"mlflow.runName": run.name, "allele.run_key": run.key}
+        if run.parent is not None and run.parent._run_id is not None:
+            tags["mlflow.parentRunId"] = run.parent._run_id
+        run_id: str = await self._call(
+            limiter,
+            lambda: backend.create_run(
+                exp_id, run_name=run.name, start_time=run.start_time, tags=tags
+            ),
+        )
+        self._count(run, "run", "delivered", 1)
+        return run_id
+
+    async def _log_batch(
+        self,
+        run: Run,
+        run_id: str,
+        metrics: list[MetricRow],
+        params: list[ParamRow],
+        tags: list[TagRow],
+        is_system: bool,
+        limiter: anyio.CapacityLimiter,
+    ) -> None:
+        backend = self._backend
+        assert backend is not None
+        mkind = "system" if is_system else "metric"
+        try:
+            await self._call(limiter, backend.log_batch, run_id, metrics, params, tags)
+        except DeliveryError as err:
+            if err.retryable:
+                raise
+            n = len(metrics) + len(params) + len(tags)
+            if n == 1:
+                kind = mkind if metrics else ("param" if params else "tag")
+                self._dead.write(kind, run, metrics or params or tags, err)
+                self._count(run, kind, "dead_lettered", 1)
+                logger.warning("allele-observability: %s rejected by MLflow: %s", kind, err.message)
+                return
+            # Isolate the offending rows: split in halves and retry each.
+            for part in _halves(metrics, params, tags):
+                await self._log_batch(run, run_id, *part, is_system, limiter)
+            return
+        self._count(run, mkind, "delivered", len(metrics))
+        self._count(run, "param", "delivered", len(params))
+        self._count(run, "tag", "delivered", len(tags))
+
+    # -- accounting and state --------------------------------------------------------------
+    def _count(self, run: Run, kind: str, outcome: str, n: int) -> None:
+        if n:
+            with self.lock:
+                self.outcomes[outcome][kind] += n
+            _add(run.acct, outcome, n)
+
+    def _accounting_tags(self, run: Run) -> list[TagRow]:
+        acct = run.acct
+        dropped = acct.get("dropped", 0) + run.dropped.value
+        sampled = run.sampled_out.value
+        emitted = acct.get("emitted", 0) + run.dropped.value + sampled
+        delivered = acct.get("delivered", 0) + 1  # the run end, delivered with these tags
+        dead = acct.get("dead_lettered", 0)
+        spooled = acct.get("spooled", 0)
+        complete = dropped == 0 and dead == 0 and spooled == 0
+        return [
+            ("allele.telemetry.emitted", str(emitted)),
+            ("allele.telemetry.delivered", str(delivered)),
+            ("allele.telemetry.sampled_out", str(sampled)),
+            ("allele.telemetry.dropped", str(dropped)),
+            ("allele.telemetry.dead_lettered", str(dead)),
+            ("allele.telemetry.spooled", str(spooled)),
+            ("allele.telemetry.complete", "true" if complete else "false"),
+        ]
+
+    def _dead_letter_run(self, run: Run, b: _Backlog, err: DeliveryError) -> None:
+        logger.error(
+            "allele-observability: MLflow refused to create run %r: %s", run.name, err.message
+        )
+        for kind, rows in (
+            ("metric", b.metrics),
+            ("system", b.system),
+            ("param", b.params),
+            ("tag", b.tags),
+            ("artifact", b.artifacts),
+        ):
+            if rows:
+                self._dead.write(kind, run, rows, err)
+                self._count(run, kind, "dead_lettered", len(rows))
+        self._count(run, "run", "dead_lettered", 1 + (b.end is not None))
+        del self._backlogs[run]
+
+    def _failed(self, err: DeliveryError) -> None:
+        with self.lock:
+            self.failures[err.reason] = self.failures.get(err.reason, 0) + 1
+        self._consecutive_failures += 1
+        delay = min(_BACKOFF_CAP, _BACKOFF_BASE * 2 ** min(self._consecutive_failures, 10))
+        if err.retry_after:
+            delay = max(delay, err.retry_after)
+        self._retry_at = time.monotonic() + random.uniform(0, delay)  # noqa: S311
+        new = "offline" if self._consecutive_failures >= _OFFLINE_AFTER else "degraded"
+        if new != self.state:
+            logger.warning(
+                "allele-observability: delivery %s (%s); events are kept and retried", new, err
+            )
+            self.state = new
+
+    def _succeeded(self) -> None:
+        if self._consecutive_failures:
+            self._consecutive_failures = 0
+            self._retry_at = 0.0
+            if self.state != "healthy":
+                logger.warning("allele-observability: delivery healthy again")
+            self.state = "healthy"
+
+    def _abandon(self, reason: str) -> None:
+        """Count what is left at shutdown as dropped (issue: spool it instead)."""
+        total = 0
+        for run, b in list(self._backlogs.items()):
+            for kind, rows in (
+                ("metric", b.metrics),
+                ("system", b.system),
+                ("param", b.params),
+                ("tag", b.tags),
+                ("artifact", b.artifacts),
+            ):
+                self._count(run, kind, "dropped", len(rows))
+                total += len(rows)
+            n_run = (b.started and run._run_id is None) + (b.end is not None)
+            self._count(run, "run", "dropped", n_run)
+            total += n_run
+        self._backlogs.clear()
+        with self.lock:
+            self.drop_reasons[reason] = self.drop_reasons.get(reason, 0) + total
+        if total:
+            logger.warning(
+                "allele-observability: %d events were not delivered before the shutdown deadline",
+                total,
+            )
+
+    def pending(self) -> dict[str, int]:
+        """Events drained but not yet resolved, per kind (call under ``lock``)."""
+        out = {}
+        for k in KINDS:
+            resolved = sum(self.outcomes[o][k] for o in self.outcomes)
+            out[k] = self.drained[k] - resolved
+        return out
+
+    def _warn_sanitized(self) -> None:
+        names = list(self._bus.sanitized.items())
+        for raw, key in names[self._warned_names :]:
+            logger.warning("allele-observability: metric name %r sanitised to %r", raw, key)
+        self._warned_names = len(names)
+
+
+def _halves(
+    metrics: list[MetricRow], params: list[ParamRow], tags: list[TagRow]
+) -> list[tuple[list[MetricRow], list[ParamRow], list[TagRow]]]:
+    rows: list[tuple[str, Any]] = (
+        [("m", r) for r in metrics] + [("p", r) for r in params] + [("t", r) for r in tags]
+    )
+    mid = len(rows) // 2
+    return [
+        (
+            [r for c, r in part if c == "m"],
+            [r for c, r in part if c == "p"],
+            [r for c, r in part if c == "t"],
+        )
+        for part in (rows[:mid], rows[mid:])
+    ]
+
+
+def _add(acct: dict[str, int], key: str, n: int) -> None:
+    acct[key] = acct.get(key, 0) + n
+
+
+def _nop() -> None:
+    pass

@@ -1,0 +1,1 @@
+"""Destinations: how batches reach an MLflow tracking store."""

@@ -1,0 +1,231 @@
+"""
+Run :class:`~._client.ClientBackend` in a worker process.
+
+``MlflowClient.log_batch`` into a database store costs ~100 us of CPU per metric in the
+calling process (SQLAlchemy). With the GIL, every one of those microseconds is taken from
+the experiment. The worker process pays them instead; the experiment's process only
+pickles rows (well under a microsecond each) and waits on a pipe.
+
+Not ``anyio.to_process``: its workers re-run the parent's ``__main__`` module (as
+multiprocessing's spawn does), which would re-run an unguarded experiment script. This
+worker starts with ``python -m`` and imports nothing of the user's.
+
+Protocol: length-prefixed pickles on the worker's stdin/stdout. Request
+``(method, args, kwargs)``; reply ``(True, result)`` or ``(False, DeliveryError)``.
+A worker that dies or overruns its deadline is killed and replaced on the next call;
+the failed call raises a retryable :class:`~._base.DeliveryError`, so the exporter
+retries the batch rather than losing it.
+"""
+
+from __future__ import annotations
+
+import os
+import pickle
+import select
+import struct
+import subprocess
+import sys
+import threading
+import time
+from typing import IO, TYPE_CHECKING, Any
+
+from ._base import DeliveryError, MetricRow, ParamRow, TagRow
+
+if TYPE_CHECKING:
+    from collections.abc import Sequence
+
+__all__ = ("ProcessBackend",)
+
+_HEADER = struct.Struct("!I")
+#: seconds the worker may take to start, import MLflow and migrate a new sqlite store
+STARTUP_TIMEOUT = 120.0
+
+
+def _read_exact(fd: int, n: int, deadline: float | None) -> bytes:
+    chunks: list[bytes] = []
+    while n:
+        if deadline is not None:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0 or not select.select([fd], [], [], remaining)[0]:
+                raise TimeoutError
+        chunk = os.read(fd, min(n, 1 << 20))
+        if not chunk:
+            raise EOFError
+        chunks.append(chunk)
+        n -= len(chunk)
+    return b"".join(chunks)
+
+
+def _write_frame(stream: IO[bytes], payload: bytes) -> None:
+    stream.write(_HEADER.pack(len(payload)) + payload)
+    stream.flush()
+
+
+class ProcessBackend:
+    """
+    A :class:`~._base.Backend` that forwards every call to a worker process.
+
+    Args:
+        tracking_uri: the MLflow tracking URI the worker opens.
+        timeout: seconds one call may take before the worker is killed.
+    """
+
+    def __init__(self, tracking_uri: str, *, timeout: float) -> None:
+        self._uri = tracking_uri
+        self._timeout = timeout
+        self._lock = threading.Lock()
+        self._proc: subprocess.Popen[bytes] | None = None
+        self._pid = os.getpid()
+        #: worker processes started so far (1 normally; more after crashes)
+        self.spawned = 0
+
+    # -- process management -------------------------------------------------------------
+    def _spawn(self) -> subprocess.Popen[bytes]:
+        env = dict(os.environ)
+        env["PYTHONPATH"] = os.pathsep.join(p for p in sys.path if p)
+        env["MLFLOW_ENABLE_ASYNC_LOGGING"] = "false"
+        env["MLFLOW_HTTP_REQUEST_MAX_RETRIES"] = "0"
+        env["MLFLOW_HTTP_REQUEST_TIMEOUT"] = str(max(1, int(self._timeout)))
+        proc = subprocess.Popen(
+            [sys.executable, "-m", __name__, self._uri],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.DEVNULL,
+            env=env,
+            close_fds=True,
+        )
+        self.spawned += 1
+        self._proc = proc
+        try:
+            self._roundtrip(proc, ("ping", (), {}), STARTUP_TIMEOUT)
+        except BaseException:
+            self._kill()
+            raise
+        return proc
+
+    def _kill(self) -> None:
+        proc, self._proc = self._proc, None
+        if proc is None:
+            return
+        try:
+            proc.kill()
+            proc.wait(timeout=5)
+        except (OSError, subprocess.TimeoutExpired):
+            pass
+        for stream in (proc.stdin, proc.stdout):
+            if stream is not None:
+                stream.close()
+
+    def _roundtrip(
+        self, proc: subprocess.Popen[bytes], request: tuple[Any, ...], timeout: float
+    ) -> Any:
+        assert proc.stdin is not None
+        assert proc.stdout is not None
+        deadline = time.monotonic() + timeout
+        try:
+            _write_frame(proc.stdin, pickle.dumps(request, protocol=pickle.HIGHEST_PROTOCOL))
+            fd = proc.stdout.fileno()
+            (size,) = _HEADER.unpack(_read_exact(fd, _HEADER.size, deadline))
+            ok, value = pickle.loads(_read_exact(fd, size, deadline))  # noqa: S301 - our own child
+        except TimeoutError:
+            self._kill()
+            raise DeliveryError(
+                "timeout", f"store call {request[0]} exceeded {timeout:g} s", retryable=True
+            ) from None
+        except (EOFError, OSError, pickle.UnpicklingError, struct.error) as exc:
+            self._kill()
+            raise DeliveryError(
+                "unavailable", f"delivery worker died during {request[0]} ({exc!r})", retryable=True
+            ) from None
+        if ok:
+            return value
+        assert isinstance(value, DeliveryError)
+        raise value
+
+    def _call(self, method: str, *args: Any, **kwargs: Any) -> Any:
+        with self._lock:
+            if self._pid != os.getpid():  # forked: the pipes belong to the parent
+                self._proc, self._pid = None, os.getpid()
+            proc = self._proc
+            if proc is None or proc.poll() is not None:
+                self._kill()
+                proc = self._spawn()
+            return self._roundtrip(proc, (method, args, kwargs), self._timeout)
+
+    # -- Backend --------------------------------------------------------------------------
+    def ping(self) -> None:
+        """Start the worker (if needed) and open the store."""
+        self._call("ping")
+
+    def ensure_experiment(self, name: str, artifact_location: str | None) -> str:
+        """Return the id of experiment ``name``, creating it if needed."""
+        return str(self._call("ensure_experiment", name, artifact_location))
+
+    def create_run(
+        self, experiment_id: str, *, run_name: str, start_time: int, tags: dict[str, str]
+    ) -> str:
+        """Create a run and return its id."""
+        return str(
+            self._call(
+                "create_run", experiment_id, run_name=run_name, start_time=start_time, tags=tags
+            )
+        )
+
+    def log_batch(
+        self,
+        run_id: str,
+        metrics: Sequence[MetricRow],
+        params: Sequence[ParamRow],
+        tags: Sequence[TagRow],
+    ) -> None:
+        """Log one batch."""
+        self._call("log_batch", run_id, metrics, params, tags)
+
+    def end_run(self, run_id: str, status: str, end_time: int) -> None:
+        """Terminate a run."""
+        self._call("end_run", run_id, status, end_time)
+
+    def log_artifact(self, run_id: str, local_path: str, artifact_path: str | None) -> None:
+        """Upload an artifact from the worker."""
+        self._call("log_artifact", run_id, local_path, artifact_path)
+
+    def close(self) -> None:
+        """Stop the worker: close its stdin, wait briefly, then kill it."""
+        with self._lock:
+            proc = self._proc
+            if proc is None or self._pid != os.getpid():
+                self._proc = None
+                return
+            try:
+                assert proc.stdin is not None
+                proc.stdin.close()
+                proc.wait(timeout=2)
+            except (OSError, subprocess.TimeoutExpired):
+                pass
+            self._kill()
+
+
+def _serve(uri: str) -> None:
+    """Worker main loop: answer requests until stdin closes."""
+    from ._client import ClientBackend, classify_exception
+
+    backend = ClientBackend(uri)
+    stdin = sys.stdin.buffer
+    stdout = sys.stdout.buffer
+    sys.stdout = sys.stderr  # nothing the store prints may corrupt the protocol
+    fd = stdin.fileno()
+    while True:
+        try:
+            (size,) = _HEADER.unpack(_read_exact(fd, _HEADER.size, None))
+            method, args, kwargs = pickle.loads(_read_exact(fd, size, None))  # noqa: S301
+        except EOFError:
+            return
+        try:
+            reply: tuple[bool, Any] = (True, getattr(backend, method)(*args, **kwargs))
+        except Exception as exc:
+            reply = (False, classify_exception(exc))
+        _write_frame(stdout, pickle.dumps(reply, protocol=pickle.HIGHEST_PROTOCOL))
+
+
+if __name__ == "__main__":
+    _serve(sys.argv[1])
