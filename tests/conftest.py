@@ -11,6 +11,7 @@ from typing import Any
 import pytest
 
 from allele.observability import Observability
+from servers import MlflowServer
 
 
 @pytest.fixture(autouse=True)
@@ -56,6 +57,15 @@ def _make_obs(store_uri: str) -> Iterator[Callable[..., Observability]]:
     yield make
     for obs in made:
         obs.close(timeout=10)
+
+
+@pytest.fixture(name="mlflow_server", scope="session")
+def _mlflow_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[MlflowServer]:
+    """One real `mlflow server` on 127.0.0.1 for the whole session (killed by PID)."""
+    server = MlflowServer(tmp_path_factory.mktemp("mlflow-server"))
+    server.start()
+    yield server
+    server.stop()
 
 
 @pytest.fixture(name="client")

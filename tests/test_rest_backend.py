@@ -32,14 +32,6 @@ pytestmark = pytest.mark.server
 TOKEN = "s3cr3t-token-value"
 
 
-@pytest.fixture(name="mlflow_server", scope="module")
-def _mlflow_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[MlflowServer]:
-    server = MlflowServer(tmp_path_factory.mktemp("mlflow-server"))
-    server.start()
-    yield server
-    server.stop()
-
-
 @pytest.fixture(name="backend")
 def _backend(mlflow_server: MlflowServer) -> Iterator[RestBackend]:
     backend = RestBackend(mlflow_server.url, timeout=10)

@@ -293,3 +293,21 @@ def test_artifact_upload(
 
     assert ["report.html"] == [f.path for f in client.list_artifacts(run.run_id)]
     assert obs.stats().artifact.delivered == 1
+
+
+def test_threads_without_context_log_into_the_current_run(
+    make_obs: Callable[..., Observability], client: Any
+) -> None:
+    """A worker thread started inside a run (no contextvars) logs into that run."""
+    obs = make_obs()
+    with obs, obs.run("pool", experiment="pool") as run:
+        workers = [
+            threading.Thread(target=lambda t=t: obs.metric("w", float(t), step=t)) for t in range(4)
+        ]
+        for w in workers:
+            w.start()
+        for w in workers:
+            w.join()
+    assert run.run_id is not None
+
+    assert [(t, float(t)) for t in range(4)] == _history(client, run.run_id, "w")

@@ -17,6 +17,9 @@ import weakref
 from contextlib import contextmanager
 from typing import TYPE_CHECKING, Any
 
+import anyio
+import anyio.abc
+
 from ._bus import Bus, _nop
 from ._context import CURRENT_PHASE, CURRENT_RUN, program_name
 from ._runs import Run
@@ -83,13 +86,11 @@ class _RunScope:
         self._obs = obs
         self.run = run
         self._token: Any = None
-        self._previous_default: Run | None = None
 
     def __enter__(self) -> Run:
         obs, run = self._obs, self.run
         self._token = CURRENT_RUN.set(run)
         if run.parent is None:
-            self._previous_default = obs._default_run
             obs._default_run = run
         return run
 
@@ -109,8 +110,10 @@ class _RunScope:
             CURRENT_RUN.reset(self._token)
         except ValueError:  # exited in another context (generator, task): restore by hand
             CURRENT_RUN.set(run.parent)
-        if run.parent is None and obs._default_run is run:
-            obs._default_run = self._previous_default
+        if obs._default_run is run:
+            # The latest top-level run still open (in any thread) becomes the default.
+            still_open = [r for r in obs._open_runs() if r.parent is None]
+            obs._default_run = still_open[-1] if still_open else None
 
     async def __aenter__(self) -> Run:
         return self.__enter__()
@@ -160,6 +163,7 @@ class Observability(Bus):
         self._open: dict[str, Run] = {}
         self._warned_no_run = False
         self._tracer: Any = None
+        self._task_group: anyio.abc.TaskGroup | None = None
         self._child = False
         if not settings.enabled:
             for name in _EMITTERS:
@@ -201,6 +205,11 @@ class Observability(Bus):
         exp = self._exporter
         if exp is None or not exp.alive:
             return not self._data and not self._ctrl
+        if exp.loop_thread == threading.get_ident():
+            raise RuntimeError(
+                "flush() would block the event loop the exporter runs in; "
+                "use `await obs.aflush()` inside `async with obs`"
+            )
         ticket = exp.request_flush()
         wait = self.settings.shutdown_timeout if timeout is None else timeout
         return ticket.done.wait(wait) and ticket.ok
@@ -227,6 +236,71 @@ class Observability(Bus):
             logger.warning(
                 "allele-observability: exporter did not stop within the shutdown timeout"
             )
+
+    async def aflush(self, timeout: float | None = None) -> bool:  # noqa: ASYNC109 - mirrors flush()
+        """Async twin of :meth:`flush`: waits without blocking the event loop."""
+        exp = self._exporter
+        if exp is None or not exp.alive:
+            return not self._data and not self._ctrl
+        ticket = exp.request_flush()
+        wait = self.settings.shutdown_timeout if timeout is None else timeout
+        with anyio.move_on_after(wait):
+            while not ticket.done.is_set():  # noqa: ASYNC110 - set from the exporter's thread
+                await anyio.sleep(0.005)
+        return ticket.done.is_set() and ticket.ok
+
+    async def __aenter__(self) -> Observability:  # noqa: PYI034 - returns self
+        """
+        Run the exporter as a task in the caller's event loop (asyncio or trio via anyio)
+        instead of a thread. Use :meth:`aflush` and ``async with`` exit to close.
+        """
+        if self._started or not self.settings.enabled or self._closed:
+            return self
+        factory, settings = self._backend_factory, self.settings
+        self._exporter = exp = Exporter(self, settings, lambda: factory(settings))
+        self._task_group = anyio.create_task_group()
+        await self._task_group.__aenter__()
+        exp.mark_launched()
+        self._task_group.start_soon(exp.run_loop)
+        self._started = True
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        await self.aclose()
+
+    async def aclose(self, timeout: float | None = None) -> None:  # noqa: ASYNC109 - mirrors close()
+        """Async twin of :meth:`close` for ``async with obs``; never hangs."""
+        tg = self._task_group
+        if tg is None:
+            self.close(timeout)
+            return
+        if self._closed:
+            return
+        deadline = time.monotonic() + (
+            self.settings.shutdown_timeout if timeout is None else timeout
+        )
+        auto = self._auto
+        if auto is not None and auto.status == "RUNNING":
+            self._end_run(auto, "FINISHED")
+        self._closed = True
+        for name, kind in _EMITTERS.items():
+            setattr(self, name, self._closed_emitter(kind))
+        exp = self._exporter
+        assert exp is not None
+        exp.begin_stop(deadline)
+        with anyio.move_on_after(max(0.0, deadline - time.monotonic()) + 0.5):
+            while exp.alive:  # noqa: ASYNC110 - a threading.Event underneath
+                await anyio.sleep(0.005)
+        if exp.alive:
+            logger.warning("allele-observability: exporter did not stop within the deadline")
+            tg.cancel_scope.cancel()
+        self._task_group = None
+        await tg.__aexit__(None, None, None)
 
     def __enter__(self) -> Observability:  # noqa: PYI034 - start() returns self
         return self.start()

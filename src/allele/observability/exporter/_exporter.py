@@ -47,6 +47,8 @@ _KIND_OF = {
     "tag": "tag",
     "artifact": "artifact",
 }
+#: seconds a store call may overrun its timeout before the loop abandons it
+_BACKSTOP_GRACE = 1.0
 _BACKOFF_BASE = 0.25
 _BACKOFF_CAP = 30.0
 #: consecutive failed attempts before the state is "offline"
@@ -118,7 +120,12 @@ class Exporter:
         self._retry_at = 0.0
         self._wake_event: anyio.Event | None = None
         self._thread: threading.Thread | None = None
+        self._launched = False
         self._finished = threading.Event()
+        #: the thread running the loop (flush() must not block it)
+        self.loop_thread: int | None = None
+        self._call_scope: anyio.CancelScope | None = None
+        self._tighten: Callable[[], None] = _nop
         self._warned_names = 0
         self._system: Any = None
 
@@ -128,6 +135,7 @@ class Exporter:
         self._thread = threading.Thread(
             target=self._thread_main, name="allele-exporter", daemon=True
         )
+        self._launched = True
         self._thread.start()
 
     def _thread_main(self) -> None:
@@ -145,25 +153,32 @@ class Exporter:
         self._bus._wake()
         return ticket
 
-    def stop(self, deadline: float) -> bool:
-        """Ask the loop to deliver what it can before ``deadline`` and exit; wait for it."""
+    def begin_stop(self, deadline: float) -> None:
+        """Ask the loop to deliver what it can before ``deadline`` and exit."""
         self._deadline = deadline
         self._stop = True
         self._bus._wake()
+        self._tighten()
+
+    def stop(self, deadline: float) -> bool:
+        """Ask the loop to deliver what it can before ``deadline`` and exit; wait for it."""
+        self.begin_stop(deadline)
         remaining = max(0.0, deadline - time.monotonic())
         return self._finished.wait(remaining + 0.5)
 
     @property
     def alive(self) -> bool:
         """Whether the loop is running."""
-        return not self._finished.is_set() and self._thread is not None
+        return self._launched and not self._finished.is_set()
+
+    def mark_launched(self) -> None:
+        """The loop was started as a task in the caller's event loop."""
+        self._launched = True
 
     # -- the loop ---------------------------------------------------------------------------
     async def run_loop(self) -> None:
         """The exporter's main coroutine (runs in our thread or in the caller's loop)."""
-        import asyncio
-
-        loop = asyncio.get_running_loop()
+        self.loop_thread = threading.get_ident()
         limiter = anyio.CapacityLimiter(1)
         self._wake_event = anyio.Event()
 
@@ -172,11 +187,15 @@ class Exporter:
             if ev is not None:
                 ev.set()
 
-        def wake_threadsafe() -> None:
-            with contextlib.suppress(RuntimeError):  # the loop has closed
-                loop.call_soon_threadsafe(wake)
+        def tighten() -> None:
+            # Runs on the loop: cut the store call in flight down to the stop deadline.
+            scope, deadline = self._call_scope, self._deadline
+            if scope is not None and deadline is not None:
+                remaining = deadline - time.monotonic()
+                scope.deadline = min(scope.deadline, anyio.current_time() + remaining)
 
-        self._bus._wake = wake_threadsafe
+        self._bus._wake = _threadsafe_caller(wake)
+        self._tighten = _threadsafe_caller(tighten)
         try:
             self._backend = self._backend_factory()
             async with anyio.create_task_group() as tg:
@@ -191,7 +210,9 @@ class Exporter:
             self._bus._wake = _nop
             backend, self._backend = self._backend, None
             if backend is not None:
-                backend.close()
+                with anyio.CancelScope(shield=True):
+                    await anyio.to_thread.run_sync(backend.close)
+            self._finished.set()
 
     async def _main(self, limiter: anyio.CapacityLimiter) -> None:
         bus = self._bus
@@ -326,13 +347,24 @@ class Exporter:
         self._succeeded()
 
     async def _call(self, limiter: anyio.CapacityLimiter, fn: Any, *args: Any) -> Any:
+        """
+        Run one blocking store call in a worker thread, abandoning it after the export
+        timeout (the backends enforce it themselves; this is the backstop) or at the stop
+        deadline, whichever comes first.
+        """
         timeout = self._settings.export_timeout
         if self._deadline is not None:
             timeout = max(0.01, min(timeout, self._deadline - time.monotonic()))
-        with anyio.fail_after(timeout + 1.0):
-            return await anyio.to_thread.run_sync(
-                fn, *args, limiter=limiter, abandon_on_cancel=True
-            )
+        scope = self._call_scope = anyio.move_on_after(timeout + _BACKSTOP_GRACE)
+        try:
+            with scope:
+                return await anyio.to_thread.run_sync(
+                    fn, *args, limiter=limiter, abandon_on_cancel=True
+                )
+        finally:
+            self._call_scope = None
+        name = getattr(fn, "__name__", "store call")
+        raise DeliveryError("timeout", f"{name} exceeded {timeout:g} s", retryable=True)
 
     async def _deliver_run(self, run: Run, b: _Backlog, limiter: anyio.CapacityLimiter) -> None:
         backend = self._backend
@@ -574,3 +606,27 @@ def _add(acct: dict[str, int], key: str, n: int) -> None:
 
 def _nop() -> None:
     pass
+
+
+def _threadsafe_caller(fn: Callable[[], None]) -> Callable[[], None]:
+    """Return a function that runs ``fn`` on the current event loop from any thread."""
+    try:
+        import asyncio
+
+        loop = asyncio.get_running_loop()
+    except RuntimeError:  # trio
+        import trio
+
+        token = trio.lowlevel.current_trio_token()
+
+        def call_trio() -> None:
+            with contextlib.suppress(trio.RunFinishedError):
+                token.run_sync_soon(fn)
+
+        return call_trio
+
+    def call_asyncio() -> None:
+        with contextlib.suppress(RuntimeError):  # the loop has closed
+            loop.call_soon_threadsafe(fn)
+
+    return call_asyncio
