@@ -273,16 +273,17 @@ class Bus:
             if value < series.minimum:
                 series.minimum = value
                 keep = True
+            if rule.max_per_second:
+                window = ts // 1000  # one-second windows of the emit timestamps
+                if window != series.window:
+                    series.window = window
+                    series.kept_in_window = 0
             if not keep:
-                keep = seen % rule.every == 0
-                if keep and rule.max_per_second:
-                    rate = rule.max_per_second
-                    tokens = min(rate, series.tokens + (ts - series.tokens_at) * rate / 1000.0)
-                    series.tokens_at = ts
-                    keep = tokens >= 1.0
-                    series.tokens = tokens - 1.0 if keep else tokens
-            elif rule.max_per_second:
-                series.tokens_at = ts
+                keep = seen % rule.every == 0 and (
+                    not rule.max_per_second or series.kept_in_window < rule.max_per_second
+                )
+            if keep:
+                series.kept_in_window += 1
             if not keep:
                 series.held = (run, entry[0], value, ts, step)
         return keep

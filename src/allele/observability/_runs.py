@@ -22,15 +22,16 @@ class SeriesState:
     Sampling state of one metric series in one run (touched only for sampled metrics).
     """
 
-    __slots__ = ("held", "lock", "maximum", "minimum", "seen", "tokens", "tokens_at")
+    __slots__ = ("held", "kept_in_window", "lock", "maximum", "minimum", "seen", "window")
 
     def __init__(self) -> None:
         self.lock = threading.Lock()
         self.seen = 0
         self.maximum = float("-inf")
         self.minimum = float("inf")
-        self.tokens = 0.0
-        self.tokens_at = 0
+        #: the one-second window (emit time // 1000 ms) and the points kept in it
+        self.window = -1
+        self.kept_in_window = 0
         #: the latest skipped point, delivered at run end if nothing came after it
         self.held: tuple[Any, ...] | None = None
 

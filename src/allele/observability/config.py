@@ -9,6 +9,7 @@ names the environment variable, at start-up rather than deep inside the exporter
 from __future__ import annotations
 
 import json
+import math
 import os
 from pathlib import Path
 from typing import Annotated, Any, Literal
@@ -42,10 +43,12 @@ class SamplingRule:
     __slots__ = ("every", "max_per_second")
 
     def __init__(self, every: int = 1, max_per_second: float = 0.0) -> None:
-        if not isinstance(every, int) or every < 1:
+        if not isinstance(every, int) or isinstance(every, bool) or every < 1:
             raise ValueError(f"sampling 'every' must be an integer >= 1, got {every!r}")
-        if max_per_second < 0:
-            raise ValueError(f"sampling 'max_per_second' must be >= 0, got {max_per_second!r}")
+        if not isinstance(max_per_second, (int, float)) or not 0 <= max_per_second < math.inf:
+            raise ValueError(
+                f"sampling 'max_per_second' must be a finite number >= 0, got {max_per_second!r}"
+            )
         self.every = every
         self.max_per_second = float(max_per_second)
 
@@ -95,14 +98,19 @@ def parse_sampling(raw: str | dict[str, Any]) -> dict[str, SamplingRule]:
             out[glob] = spec
             continue
         if not isinstance(spec, dict):
-            raise TypeError(f"rule for {glob!r} must be a mapping, got {spec!r}")
+            raise ValueError(f"rule for {glob!r} must be a mapping, got {spec!r}")  # noqa: TRY004
         unknown = set(spec) - {"every", "max_per_second"}
         if unknown:
             raise ValueError(f"unknown sampling option(s) {sorted(unknown)} for {glob!r}")
         every = spec.get("every", 1)
         if isinstance(every, float) and every.is_integer():
             every = int(every)
-        out[glob] = SamplingRule(every=every, max_per_second=float(spec.get("max_per_second", 0)))
+        rate = spec.get("max_per_second", 0)
+        if not isinstance(rate, (int, float)) or isinstance(rate, bool):
+            # ValueError, not TypeError: pydantic turns only ValueError into a ConfigError.
+            msg = f"sampling 'max_per_second' for {glob!r} must be a number, got {rate!r}"
+            raise ValueError(msg)  # noqa: TRY004
+        out[glob] = SamplingRule(every=every, max_per_second=float(rate))
     return out
 
 
@@ -194,6 +202,10 @@ class Settings(BaseSettings):
         if not scheme.startswith(allowed):
             raise ValueError(f"unsupported URI scheme {scheme!r}")
         return value
+
+    def __repr__(self) -> str:
+        shown = ", ".join(f"{k}={v!r}" for k, v in self.redacted().items())
+        return f"Settings({shown})"
 
     def redacted(self) -> dict[str, Any]:
         """

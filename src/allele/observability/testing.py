@@ -87,6 +87,21 @@ class InMemoryBackend:
             }
         return run_id
 
+    def find_run(self, experiment_id: str, run_key: str) -> str | None:
+        """Return the run tagged ``allele.run_key = run_key`` in the experiment."""
+        self._enter("find_run")
+        with self._lock:
+            for run_id, run in self.runs.items():
+                if run["experiment_id"] == experiment_id and (
+                    run["tags"].get("allele.run_key") == run_key
+                ):
+                    return run_id
+        return None
+
+    def ping(self) -> None:
+        """Answer (or raise ``fail_with``)."""
+        self._enter("ping")
+
     def log_batch(
         self,
         run_id: str,

@@ -8,6 +8,7 @@ run's configuration lands before its bulk data.
 
 from __future__ import annotations
 
+import json
 from typing import TYPE_CHECKING
 
 from ..sinks._base import MetricRow, ParamRow, TagRow
@@ -21,11 +22,21 @@ MAX_METRICS = 1000
 MAX_PARAMS_TAGS = 100
 MAX_ENTITIES = 1000
 MAX_REQUEST_CHARS = 1_000_000
-#: JSON overhead per entity beyond key and value (braces, field names, numbers)
-_METRIC_OVERHEAD = 80
+#: JSON characters per metric beyond its key: braces, field names and the widest numbers
+#: ({"key": , "value": -1.7976931348623157e+308, "timestamp": 13 digits, "step": 19 digits})
+_METRIC_OVERHEAD = 110
+#: JSON characters per param or tag beyond key and value
 _KV_OVERHEAD = 30
 #: headroom for the request envelope
 _ENVELOPE = 2_000
+
+
+def _json_len(text: str) -> int:
+    """Characters ``text`` takes as a JSON string with ``ensure_ascii`` (the worst case)."""
+    if text.isascii() and text.isprintable() and '"' not in text and "\\" not in text:
+        return len(text) + 2
+    return len(json.dumps(text))
+
 
 Batch = tuple[list[MetricRow], list[ParamRow], list[TagRow]]
 
@@ -46,6 +57,8 @@ def split_batches(
         tags: tag rows.
         max_metrics: metrics per batch (``METRICS_BATCH_SIZE``), at most 1000.
     """
+    if max_metrics < 1:
+        raise ValueError(f"max_metrics must be >= 1, got {max_metrics}")
     max_metrics = min(max_metrics, MAX_METRICS)
     budget = MAX_REQUEST_CHARS - _ENVELOPE
     mi = pi = ti = 0
@@ -56,7 +69,7 @@ def split_batches(
         size = 0
         while pi < np_ and len(bp) < MAX_PARAMS_TAGS:
             k, v = params[pi]
-            cost = len(k) + len(v) * 2 + _KV_OVERHEAD  # x2: JSON escaping headroom
+            cost = _json_len(k) + _json_len(v) + _KV_OVERHEAD
             if bp and size + cost > budget:
                 break
             bp.append(params[pi])
@@ -64,17 +77,19 @@ def split_batches(
             pi += 1
         while ti < nt and len(bt) < MAX_PARAMS_TAGS and len(bp) + len(bt) < MAX_ENTITIES:
             k, v = tags[ti]
-            cost = len(k) + len(v) * 2 + _KV_OVERHEAD
+            cost = _json_len(k) + _json_len(v) + _KV_OVERHEAD
             if (bp or bt) and size + cost > budget:
                 break
             bt.append(tags[ti])
             size += cost
             ti += 1
-        room = min(max_metrics, MAX_ENTITIES - len(bp) - len(bt))
+        # Configuration first: a request with params or tags carries metrics only once
+        # every param and tag has been placed.
+        room = 0 if pi < np_ or ti < nt else min(max_metrics, MAX_ENTITIES - len(bp) - len(bt))
         end = mi
         limit = min(nm, mi + room)
         while end < limit:
-            cost = len(metrics[end][0]) + _METRIC_OVERHEAD
+            cost = _json_len(metrics[end][0]) + _METRIC_OVERHEAD
             if size + cost > budget:
                 break
             size += cost

@@ -56,6 +56,9 @@ class DeadLetters:
             "message": err.message,
             "rows": [list(r) if isinstance(r, tuple) else r for r in rows],
         }
+        self._append(record)
+
+    def _append(self, record: dict[str, Any]) -> None:
         line = json.dumps(record, default=str, allow_nan=True) + "\n"
         try:
             with self._lock:
@@ -67,6 +70,23 @@ class DeadLetters:
             logger.warning(
                 "allele-observability: cannot write dead letter to %s: %s", self.path, exc
             )
+
+    def write_record(self, record: list[Any], err: DeliveryError) -> None:
+        """Append a rejected spool record (from a replay) with the store's reason."""
+        kind = record[0]
+        rows: list[Any] = record[5:8] if kind == "batch" else record[5:]
+        self._append(
+            {
+                "time": time.time(),
+                "kind": kind,
+                "run_key": record[2],
+                "experiment": record[3],
+                "run_id": record[4] if kind != "run" else None,
+                "reason": err.reason,
+                "message": err.message,
+                "rows": rows,
+            }
+        )
 
     def read(self) -> list[dict[str, Any]]:
         """Return every record (for the CLI and tests)."""

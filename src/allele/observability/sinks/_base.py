@@ -96,6 +96,14 @@ class Backend(Protocol):
         """Create a RUNNING run and return its id (tags include ``mlflow.parentRunId``)."""
         ...
 
+    def find_run(self, experiment_id: str, run_key: str) -> str | None:
+        """Return the id of the run tagged ``allele.run_key = run_key``, if any."""
+        ...
+
+    def ping(self) -> None:
+        """Check that the store answers (a cheap read); raise DeliveryError if not."""
+        ...
+
     def log_batch(
         self,
         run_id: str,

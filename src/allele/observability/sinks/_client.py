@@ -125,6 +125,16 @@ class ClientBackend:
         except Exception as exc:
             raise classify_exception(exc) from None
 
+    def find_run(self, experiment_id: str, run_key: str) -> str | None:
+        """Return the id of the run tagged ``allele.run_key = run_key``, if any."""
+        try:
+            runs = self._get().search_runs(
+                [experiment_id], f"tags.`allele.run_key` = '{run_key}'", max_results=1
+            )
+        except Exception as exc:
+            raise classify_exception(exc) from None
+        return str(runs[0].info.run_id) if runs else None
+
     def log_batch(
         self,
         run_id: str,

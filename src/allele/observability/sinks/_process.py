@@ -171,6 +171,11 @@ class ProcessBackend:
             )
         )
 
+    def find_run(self, experiment_id: str, run_key: str) -> str | None:
+        """Return the id of the run tagged ``allele.run_key = run_key``, if any."""
+        found = self._call("find_run", experiment_id, run_key)
+        return None if found is None else str(found)
+
     def log_batch(
         self,
         run_id: str,

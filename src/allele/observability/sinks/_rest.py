@@ -194,6 +194,16 @@ class RestBackend:
         resp = self._call("POST", "runs/create", body, idempotent=False)
         return str(_field(_field(_field(resp, "run"), "info"), "run_id"))
 
+    def find_run(self, experiment_id: str, run_key: str) -> str | None:
+        """Return the id of the run tagged ``allele.run_key = run_key``, if any."""
+        body = {
+            "experiment_ids": [experiment_id],
+            "filter": f"tags.`allele.run_key` = '{run_key}'",
+            "max_results": 1,
+        }
+        runs = self._call("POST", "runs/search", body).get("runs") or []
+        return str(_field(_field(runs[0], "info"), "run_id")) if runs else None
+
     def log_batch(
         self,
         run_id: str,
