@@ -5,9 +5,11 @@
 from __future__ import annotations
 
 import atexit
+import contextlib
 import getpass
 import logging
 import os
+import signal
 import socket
 import sys
 import threading
@@ -165,6 +167,7 @@ class Observability(Bus):
         self._tracer: Any = None
         self._task_group: anyio.abc.TaskGroup | None = None
         self._child = False
+        self._closing = False
         if not settings.enabled:
             for name in _EMITTERS:
                 setattr(self, name, _nop)
@@ -195,6 +198,9 @@ class Observability(Bus):
             atexit.register(_atexit_close, ref)
             if hasattr(os, "register_at_fork"):
                 os.register_at_fork(after_in_child=lambda: _after_fork(ref))
+            import multiprocessing.util as mp_util
+
+            mp_util.register_after_fork(self, _mp_after_fork)
         return self
 
     def flush(self, timeout: float | None = None) -> bool:
@@ -229,13 +235,17 @@ class Observability(Bus):
         if auto is not None and auto.status == "RUNNING" and not self._child:
             self._end_run(auto, "FINISHED")
         self._closed = True
+        self._closing = True
         for name, kind in _EMITTERS.items():
             setattr(self, name, self._closed_emitter(kind))
         exp = self._exporter
-        if exp is not None and exp.alive and not exp.stop(deadline):
-            logger.warning(
-                "allele-observability: exporter did not stop within the shutdown timeout"
-            )
+        try:
+            if exp is not None and exp.alive and not exp.stop(deadline):
+                logger.warning(
+                    "allele-observability: exporter did not stop within the shutdown timeout"
+                )
+        finally:
+            self._closing = False
 
     async def aflush(self, timeout: float | None = None) -> bool:  # noqa: ASYNC109 - mirrors flush()
         """Async twin of :meth:`flush`: waits without blocking the event loop."""
@@ -513,12 +523,14 @@ class Observability(Bus):
                 outcomes = {o: dict(v) for o, v in exp.outcomes.items()}
                 failures = dict(exp.failures)
                 drop_reasons_exp = dict(exp.drop_reasons)
+                replayed = exp._spooler.replayed_foreign
                 data_len = len(self._data)
             state = exp.state if exp.alive else "closed"
         else:
             drained = dict(zero)
             outcomes = {o: dict(zero) for o in ("delivered", "dropped", "dead_lettered", "spooled")}
             failures, drop_reasons_exp = {}, {}
+            replayed = 0
             data_len = len(self._data)
             state = "disabled" if not self.settings.enabled else "idle"
         held = self._held_count(held_runs)
@@ -551,7 +563,9 @@ class Observability(Bus):
         reasons = {r: c.value for r, c in self._drop_reasons.items() if c.value}
         for r, n in drop_reasons_exp.items():
             reasons[r] = reasons.get(r, 0) + n
-        return Statistics(**per_kind, state=state, drop_reasons=reasons, failures=failures)
+        return Statistics(
+            **per_kind, state=state, drop_reasons=reasons, failures=failures, replayed=replayed
+        )
 
 
 def _user() -> str:
@@ -578,6 +592,7 @@ def _after_fork(ref: weakref.ReferenceType[Observability]) -> None:
     obs = ref()
     if obs is None or obs._closed or not obs._started:
         return
+    _forget_half_imported_modules()
     from collections import deque
 
     from ._stats import AtomicCounter
@@ -597,10 +612,55 @@ def _after_fork(ref: weakref.ReferenceType[Observability]) -> None:
     factory = obs._backend_factory
     obs._exporter = Exporter(obs, settings, lambda: factory(settings))
     obs._exporter.start_thread()
-    try:
-        import multiprocessing.util as mp_util
+    _flush_on_sigterm(ref)
 
-        # multiprocessing workers leave through os._exit, which skips atexit.
-        mp_util.Finalize(None, _atexit_close, args=(ref,), exitpriority=100)
-    except ImportError:
-        pass
+
+def _mp_after_fork(obs: Observability) -> None:
+    """
+    In a multiprocessing child (after its finalizer registry was cleared): close at exit.
+    Workers leave through ``os._exit``, which skips atexit, but runs these finalizers.
+    """
+    import multiprocessing.util as mp_util
+
+    mp_util.Finalize(None, _atexit_close, args=(weakref.ref(obs),), exitpriority=100)
+
+
+def _forget_half_imported_modules() -> None:
+    """
+    A fork while another thread was importing (the exporter imports anyio's backend and
+    MLflow lazily) leaves that module half-initialised in the child, where no thread will
+    finish it. Drop such modules so the child's exporter imports them afresh.
+    """
+    for name, module in list(sys.modules.items()):
+        spec = getattr(module, "__spec__", None)
+        if spec is not None and getattr(spec, "_initializing", False):
+            del sys.modules[name]
+
+
+#: seconds a forked child may spend delivering when it is terminated (the rest is spooled)
+CHILD_TERM_TIMEOUT = 2.0
+
+
+def _flush_on_sigterm(ref: weakref.ReferenceType[Observability]) -> None:
+    """
+    ``Pool.terminate()`` (and ``with Pool() as pool``) ends workers with SIGTERM, which
+    skips every exit hook. In a forked child whose SIGTERM is still the default, deliver
+    or spool what is pending (at most CHILD_TERM_TIMEOUT seconds), then die as before.
+    """
+    try:
+        if signal.getsignal(signal.SIGTERM) is not signal.SIG_DFL:
+            return
+    except ValueError:  # not the main thread
+        return
+
+    def on_term(signum: int, _frame: object) -> None:
+        obs = ref()
+        if obs is not None and obs._closing:
+            return  # already delivering at exit (its own deadline); the process ends next
+        if obs is not None and not obs._closed:
+            obs.close(min(CHILD_TERM_TIMEOUT, obs.settings.shutdown_timeout))
+        signal.signal(signum, signal.SIG_DFL)
+        os.kill(os.getpid(), signum)
+
+    with contextlib.suppress(ValueError):  # not the main thread of the child
+        signal.signal(signal.SIGTERM, on_term)

@@ -95,6 +95,8 @@ class Statistics(NamedTuple):
     drop_reasons: dict[str, int]
     #: failed export attempts by reason ("network_error", "timeout", ...)
     failures: dict[str, int]
+    #: events from earlier processes' spools that this one replayed (not in the columns)
+    replayed: int = 0
 
     @property
     def total(self) -> KindStatistics:

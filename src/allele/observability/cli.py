@@ -20,6 +20,7 @@ from typing import TYPE_CHECKING, Any
 
 import click
 
+from ._cli_spool import spool
 from .config import ENV_PREFIX, ConfigError, Settings, load_settings
 from .demo._matrix import DEFAULT_GENERATIONS
 
@@ -282,6 +283,8 @@ def demo(tracking_uri: str | None, generations: int, *, quiet: bool) -> None:
         click.echo("allele-obs: the demo's telemetry is incomplete", err=True)
         raise SystemExit(EXIT_UNDELIVERED)
 
+
+main.add_command(spool)
 
 if __name__ == "__main__":  # pragma: no cover
     main()

@@ -164,6 +164,8 @@ class Settings(BaseSettings):
     sampling: Annotated[dict[str, SamplingRule], NoDecode] = Field(default_factory=dict)
     #: directory for the disk spool and dead letters
     spool_dir: Path = Path(".allele-spool")
+    #: bytes the spool may hold; past it, new records are dropped (counted: spool_full)
+    spool_max_bytes: int = Field(default=1 << 30, ge=1 << 20)
     #: seconds one export attempt may take before it is abandoned
     export_timeout: float = Field(default=10.0, gt=0)
     #: seconds close() and the atexit handler may spend flushing

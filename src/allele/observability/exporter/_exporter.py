@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import math
 import random
 import threading
 import time
@@ -29,6 +30,7 @@ from .._stats import KINDS
 from ..sinks._base import Backend, DeliveryError, MetricRow, ParamRow, TagRow
 from ._batching import split_batches
 from ._deadletter import DeadLetters
+from ._spooling import Spooler
 
 if TYPE_CHECKING:
     from collections.abc import Callable
@@ -128,6 +130,9 @@ class Exporter:
         self._tighten: Callable[[], None] = _nop
         self._warned_names = 0
         self._system: Any = None
+        self._spooler = Spooler(self, settings)
+        #: keys of the runs whose start event this exporter has drained
+        self._seen_start: set[str] = set()
 
     # -- lifecycle (any thread) -------------------------------------------------------------
     def start_thread(self) -> None:
@@ -198,6 +203,7 @@ class Exporter:
         self._tighten = _threadsafe_caller(tighten)
         try:
             self._backend = self._backend_factory()
+            await anyio.to_thread.run_sync(self._spooler.start)
             async with anyio.create_task_group() as tg:
                 if self._settings.system_metrics_interval > 0:
                     from ..sources._system import SystemSampler
@@ -208,6 +214,7 @@ class Exporter:
                 tg.cancel_scope.cancel()
         finally:
             self._bus._wake = _nop
+            self._spooler.close()
             backend, self._backend = self._backend, None
             if backend is not None:
                 with anyio.CancelScope(shield=True):
@@ -223,20 +230,26 @@ class Exporter:
                 bus._exporter_sleeping = True
                 if not self._work_ready():  # re-check: a producer may have missed the flag
                     wait = interval
-                    if self._pending_backlog():
+                    if self._pending_backlog() or self._spooler.own_pending:
                         wait = min(wait, max(0.0, self._retry_at - time.monotonic()))
                     with anyio.move_on_after(wait):
                         await self._wake_event.wait()
                 bus._exporter_sleeping = False
             await self._round(limiter)
             if self._stop:
-                if not self._pending_backlog() and not bus._ctrl and not bus._data:
+                if bus._ctrl or bus._data:
+                    continue  # emitted during the round: one more
+                if not self._pending_backlog() and not self._spooler.own_pending:
+                    # Last, what terminated forked workers left in the spool, if time allows.
+                    if self._spooler.check_foreign(every=0) and self.state == "healthy":
+                        await self._replay(limiter)
                     break
-                if self._deadline is not None and time.monotonic() >= self._deadline:
-                    self._abandon("shutdown_timeout")
+                now = time.monotonic()
+                if self._retry_at > now or (self._deadline is not None and now >= self._deadline):
+                    # The store is failing or time is up: what is left stays in the spool,
+                    # for the next start or `allele-obs spool replay`.
+                    self._spool_all(final=True)
                     break
-                if self._retry_at > time.monotonic():
-                    await anyio.sleep(min(0.05, self._retry_at - time.monotonic()))
 
     def _work_ready(self) -> bool:
         bus = self._bus
@@ -266,6 +279,7 @@ class Exporter:
         b = self._backlogs.get(run)
         if b is None:
             b = self._backlogs[run] = _Backlog()
+            b.started = run.key in self._seen_start
         return b
 
     async def _round(self, limiter: anyio.CapacityLimiter) -> None:
@@ -288,6 +302,7 @@ class Exporter:
             _add(run.acct, "emitted", 1)
             if kind == "run_start":
                 b.started = True
+                self._seen_start.add(run.key)
                 _add(run.acct, "emitted", len(ev[3]) + len(ev[2]))
                 b.params.extend(ev[3].items())
                 b.tags.extend(ev[2].items())
@@ -313,9 +328,17 @@ class Exporter:
             _add(run.acct, "emitted", n)
         if len(bus.sanitized) != self._warned_names:
             self._warn_sanitized()
-        if time.monotonic() >= self._retry_at:
+        now = time.monotonic()
+        spooler = self._spooler
+        if spooler.own_pending or now < self._retry_at:
+            self._spool_all()
+            if now >= self._retry_at:
+                await self._replay(limiter)
+        else:
             await self._deliver_all(limiter)
-        if not self._pending_backlog():
+            if spooler.check_foreign() and not spooler.own_pending and now >= self._retry_at:
+                await self._replay(limiter)
+        if not self._pending_backlog() and not spooler.own_pending:
             for t in self._owned_tickets:
                 t.ok = True
                 t.done.set()
@@ -332,6 +355,7 @@ class Exporter:
                 await self._ensure_created(run, b, limiter)
             except DeliveryError as err:
                 self._failed(err)
+                self._spool_all()
                 return
         for run in list(self._backlogs):
             b = self._backlogs.get(run)
@@ -341,21 +365,28 @@ class Exporter:
                 await self._deliver_run(run, b, limiter)
             except DeliveryError as err:
                 self._failed(err)
+                self._spool_all()
                 return
             if run in self._backlogs and b.empty() and b.end is None and run._run_id is not None:
                 del self._backlogs[run]
         self._succeeded()
 
-    async def _call(self, limiter: anyio.CapacityLimiter, fn: Any, *args: Any) -> Any:
+    async def _call(
+        self,
+        limiter: anyio.CapacityLimiter,
+        fn: Any,
+        *args: Any,
+        bounded: bool = True,
+    ) -> Any:
         """
         Run one blocking store call in a worker thread, abandoning it after the export
-        timeout (the backends enforce it themselves; this is the backstop) or at the stop
-        deadline, whichever comes first.
+        timeout (the backends enforce it themselves; this is the backstop; ``bounded=False``
+        for a replay step, whose every call is bounded) or at the stop deadline.
         """
-        timeout = self._settings.export_timeout
+        timeout = self._settings.export_timeout + _BACKSTOP_GRACE if bounded else math.inf
         if self._deadline is not None:
             timeout = max(0.01, min(timeout, self._deadline - time.monotonic()))
-        scope = self._call_scope = anyio.move_on_after(timeout + _BACKSTOP_GRACE)
+        scope = self._call_scope = anyio.move_on_after(timeout)
         try:
             with scope:
                 return await anyio.to_thread.run_sync(
@@ -482,16 +513,42 @@ class Exporter:
         if n:
             with self.lock:
                 self.outcomes[outcome][kind] += n
-            _add(run.acct, outcome, n)
+                _add(run.acct, outcome, n)
 
-    def _accounting_tags(self, run: Run) -> list[TagRow]:
+    def _move(self, run: Run, kind: str, src: str, dst: str, n: int) -> None:
+        """Move ``n`` events of ``kind`` from one outcome to another (spooled -> delivered)."""
+        if n:
+            with self.lock:
+                self.outcomes[src][kind] -= n
+                self.outcomes[dst][kind] += n
+                _add(run.acct, src, -n)
+                _add(run.acct, dst, n)
+
+    def _drop_reason(self, reason: str, n: int) -> None:
+        if n:
+            with self.lock:
+                self.drop_reasons[reason] = self.drop_reasons.get(reason, 0) + n
+
+    def _accounting_tags(
+        self, run: Run, *, end_in_spool: bool = False, replaying: bool = False
+    ) -> list[TagRow]:
+        """
+        The run's own accounting, written when its end is delivered. The end itself is
+        pending (direct delivery), counted as spooled (``end_in_spool``), or being
+        replayed from the spool (``replaying``).
+        """
         acct = run.acct
         dropped = acct.get("dropped", 0) + run.dropped.value
         sampled = run.sampled_out.value
         emitted = acct.get("emitted", 0) + run.dropped.value + sampled
-        delivered = acct.get("delivered", 0) + 1  # the run end, delivered with these tags
+        delivered = acct.get("delivered", 0)
         dead = acct.get("dead_lettered", 0)
         spooled = acct.get("spooled", 0)
+        if replaying:  # the end moves from the spool to delivered with these tags
+            spooled -= 1
+            delivered += 1
+        elif not end_in_spool:  # the end is delivered with these tags
+            delivered += 1
         complete = dropped == 0 and dead == 0 and spooled == 0
         return [
             ("allele.telemetry.emitted", str(emitted)),
@@ -543,30 +600,53 @@ class Exporter:
                 logger.warning("allele-observability: delivery healthy again")
             self.state = "healthy"
 
-    def _abandon(self, reason: str) -> None:
-        """Count what is left at shutdown as dropped (issue: spool it instead)."""
-        total = 0
+    def _spool_all(self, *, final: bool = False) -> None:
+        """Move every backlog whose run has started into the spool."""
+        spooled = 0
         for run, b in list(self._backlogs.items()):
-            for kind, rows in (
-                ("metric", b.metrics),
-                ("system", b.system),
-                ("param", b.params),
-                ("tag", b.tags),
-                ("artifact", b.artifacts),
-            ):
-                self._count(run, kind, "dropped", len(rows))
-                total += len(rows)
-            n_run = (b.started and run._run_id is None) + (b.end is not None)
-            self._count(run, "run", "dropped", n_run)
-            total += n_run
-        self._backlogs.clear()
-        with self.lock:
-            self.drop_reasons[reason] = self.drop_reasons.get(reason, 0) + total
-        if total:
+            if run._run_id is None and not b.started:
+                if not final:
+                    continue  # its start is still in the lane: next round
+                self._drop_backlog(run, b, "no_run_start")
+            else:
+                before = self._spooler.own_pending
+                self._spooler.spool_backlog(run, b)
+                spooled += self._spooler.own_pending - before
+            del self._backlogs[run]
+        if final and self._spooler.own_pending:
             logger.warning(
-                "allele-observability: %d events were not delivered before the shutdown deadline",
-                total,
+                "allele-observability: %d events are in the spool %s; they are replayed at "
+                "the next start or by `allele-obs spool replay`",
+                self._spooler.own_pending,
+                self._settings.spool_dir,
             )
+
+    def _drop_backlog(self, run: Run, b: _Backlog, reason: str) -> None:
+        total = 0
+        for kind, rows in (
+            ("metric", b.metrics),
+            ("system", b.system),
+            ("param", b.params),
+            ("tag", b.tags),
+            ("artifact", b.artifacts),
+        ):
+            self._count(run, kind, "dropped", len(rows))
+            total += len(rows)
+        if b.end is not None:
+            self._count(run, "run", "dropped", 1)
+            total += 1
+        self._drop_reason(reason, total)
+
+    async def _replay(self, limiter: anyio.CapacityLimiter) -> None:
+        backend = self._backend
+        assert backend is not None
+        report = await self._call(limiter, self._spooler.replay, backend, bounded=False)
+        if report.error is not None:
+            self._failed(report.error)
+            return
+        self._succeeded()
+        if self._spooler.own_pending and self.state != "recovering":
+            self.state = "recovering"
 
     def pending(self) -> dict[str, int]:
         """Events drained but not yet resolved, per kind (call under ``lock``)."""

@@ -17,30 +17,32 @@ A segment is a sequence of frames, with no file header::
 
 ``crc32`` is ``zlib.crc32(payload)`` and ``1 <= length < 2**24``. The payload is one record
 as compact ASCII JSON (``allow_nan=True``): NaN and +-inf round-trip exactly, tuples come back
-as lists, dict keys become strings, and decoding a file can never execute code. ASCII JSON
-holds no zero byte, so a frame can only start at a zero byte: after a damaged frame the
-reader resumes at the next offset that holds a whole frame with a matching CRC.
+as lists, non-string dict keys as strings, and reading a file can never execute code. ASCII
+JSON holds no zero byte, while a length field starts with one: after a damaged frame the
+reader tries only offsets that hold a zero byte and resumes at the first whole frame whose
+payload holds no zero byte and matches its CRC. A damaged stretch counts as one corrupt record.
 
-Writing: each process appends to a segment of its own. The name carries the wall-clock
-creation time (kept increasing within a process), the pid and a per-process sequence number;
-segments replay in that order. A frame is written with one ``os.write`` on an ``O_APPEND``
-descriptor. A segment is created under a temporary dot-name, locked with
-``flock(LOCK_EX)`` and renamed into place, so a visible segment is locked by its writer from
-birth until the writer closes it (past ``segment_bytes``, ``close()``, ``claim()``) or dies:
-the kernel drops the locks of a dead process.
+Writing: each process appends to a segment of its own, named after its wall-clock creation
+time (kept increasing within a process), the pid and a per-process sequence number; segments
+replay in that order. A frame is written with one ``os.write`` on an ``O_APPEND`` descriptor.
+A segment is created as ``.seg-<...>.spool.tmp``, locked with ``flock(LOCK_EX)`` and renamed
+into place, so a visible segment is locked by its writer from birth until the writer closes
+it (past ``segment_bytes``, ``close()``, ``claim()``) or dies: the kernel drops the locks of
+a dead process. A forked child closes its copy of the parent's descriptor without unlocking.
 
 Replay: a reader claims a segment with ``flock(LOCK_EX | LOCK_NB)`` and skips it if that
-fails (still being written, or claimed by another reader). The lock decides, not the pid,
-which may have been reused. ``Claim.done()`` moves the segment to ``replayed/``;
+fails (still being written, or claimed by another reader). The lock decides, not the pid in
+the name: pids are reused. ``Claim.done()`` moves the segment to ``replayed/``;
 ``Claim.release(offset)`` leaves it in place and writes the offset of the first undelivered
-record to ``<segment>.offset`` (through a rename, so it is whole or absent).
+record, in ASCII decimal, to ``<segment>.offset`` (through a rename: whole or absent).
 
 What a crash can lose: after ``kill -9``, every record whose ``append`` returned is on disk
 (the kernel holds it); a write cut short by the kill leaves one partial frame at the end,
 which replay skips and counts as corrupt. A power loss also loses what was appended since the
 last ``flush(fsync=True)``. Replay is at-least-once: a crash between delivering records and
 ``done()`` or ``release(offset)`` delivers them again, so the consumer must be idempotent
-(MLflow ignores a re-sent metric with the same timestamp).
+(MLflow ignores a re-sent metric with the same timestamp). Empty ``.tmp`` files left by a
+crash during segment creation are removed by :func:`prune`.
 """
 
 from __future__ import annotations
@@ -66,6 +68,8 @@ if TYPE_CHECKING:
     from collections.abc import Iterator
     from types import TracebackType
 
+    from typing_extensions import Self
+
 __all__ = ("MAX_RECORD_BYTES", "Claim", "SegmentInfo", "Spool", "SpoolStatistics", "prune")
 
 #: the largest payload of one record (the length's top byte is always zero)
@@ -73,6 +77,7 @@ MAX_RECORD_BYTES = (1 << 24) - 1
 SEGMENTS, REPLAYED, TRACEBACKS = "segments", "replayed", "tracebacks"
 _HEADER = struct.Struct(">II")
 _NAME = re.compile(r"seg-(\d{20})-(\d+)-(\d{6,})\.spool")
+_NONZERO = re.compile(rb"[^\x00]")
 _RESCAN_SECONDS = 1.0
 _encode = json.JSONEncoder(allow_nan=True, separators=(",", ":")).encode
 _decode = json.JSONDecoder().decode
@@ -144,7 +149,7 @@ class Spool:
         self.segment_bytes = segment_bytes
         self._folder = self.directory / SEGMENTS
         self._reset()
-        method = weakref.WeakMethod(self._reset)
+        method = weakref.WeakMethod(self._after_fork)
 
         def in_child() -> None:
             bound = method()
@@ -153,11 +158,14 @@ class Spool:
 
         os.register_at_fork(after_in_child=in_child)
 
-    def _reset(self) -> None:
-        """Start afresh; in a forked child, close (never unlock) the parent's segment."""
-        with contextlib.suppress(AttributeError, OSError):
-            if self._fd is not None and self._pid != os.getpid():
+    def _after_fork(self) -> None:
+        """In a forked child: close (never unlock) the parent's segment and start afresh."""
+        if self._fd is not None:
+            with contextlib.suppress(OSError):
                 os.close(self._fd)
+        self._reset()
+
+    def _reset(self) -> None:
         self._lock = threading.Lock()
         self._pid = os.getpid()
         self._fd: int | None = None
@@ -184,15 +192,14 @@ class Spool:
         if len(payload) > MAX_RECORD_BYTES:
             raise ValueError(f"record of {len(payload)} bytes exceeds {MAX_RECORD_BYTES}")
         frame = _HEADER.pack(len(payload), zlib.crc32(payload)) + payload
-        if self._pid != os.getpid():
-            self._reset()
+        if self._pid != os.getpid():  # forked without the at-fork hook
+            self._after_fork()
         with self._lock:
             if self._fd is not None and self._size + len(frame) > self.segment_bytes:
                 self._close_segment()
-            full = self._total is None or self._total + len(frame) > self.max_bytes
+            stale = time.monotonic() - self._scanned_at >= _RESCAN_SECONDS
             if self._total is None or (
-                (full or self._fd is None)
-                and time.monotonic() - self._scanned_at >= _RESCAN_SECONDS
+                stale and (self._fd is None or self._total + len(frame) > self.max_bytes)
             ):
                 self._total = sum(size for *_, size in _scan(self._folder, sizes=True))
                 self._scanned_at = time.monotonic()
@@ -228,7 +235,7 @@ class Spool:
         try:
             written = os.write(self._fd, frame)
             if written != len(frame):
-                raise OSError(errno.ENOSPC, f"short write to {self._path}")
+                raise OSError(errno.ENOSPC, f"short write to {self._path}")  # noqa: TRY301
         except OSError:
             with contextlib.suppress(OSError):
                 os.ftruncate(self._fd, self._size)
@@ -269,14 +276,6 @@ class Spool:
         with self._lock:
             self._close_segment()
 
-    def __enter__(self) -> Spool:
-        return self
-
-    def __exit__(
-        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
-    ) -> None:
-        self.close()
-
     def segments(self, *, count_records: bool = False) -> list[SegmentInfo]:
         """All live segments, oldest first; ``count_records`` reads every file."""
         return _inspect(self._folder, self._path, count_records)
@@ -298,17 +297,16 @@ class Spool:
         Yield the replayable segments, oldest first, each locked for this caller alone.
 
         The current segment of this spool is closed first, so its records are included.
-        Segments locked elsewhere are skipped. A claim left unfinished when the next one is
-        requested, or when the iteration stops, is released.
+        Segments locked elsewhere are skipped. A claim still unfinished when the next one is
+        requested is released; otherwise the caller finishes it (``done``, ``release``, or
+        leaving its ``with`` block).
         """
         self.close()
         for _, _, _, path, _ in _scan(self._folder):
             claim = Claim._acquire(self, path)
             if claim is not None:
-                try:
-                    yield claim
-                finally:
-                    claim.release()
+                yield claim
+                claim.release()
 
     def _count(self, *, corrupt: int = 0, replayed: int = 0, freed: int = 0) -> None:
         with self._lock:
@@ -325,6 +323,8 @@ class Claim:
     Attributes:
         path: the segment file.
         start: the offset where :meth:`records` starts (the saved resume offset, or 0).
+        position: the offset just past the last record :meth:`records` yielded: pass it to
+            :meth:`release` to stop early after delivering everything yielded so far.
     """
 
     def __init__(self, spool: Spool, path: Path, fd: int) -> None:
@@ -336,6 +336,7 @@ class Claim:
             self.start = max(0, int(self._sidecar.read_text(encoding="ascii")))
         except (OSError, ValueError):
             self.start = 0
+        self.position = self.start
 
     @classmethod
     def _acquire(cls, spool: Spool, path: Path) -> Claim | None:
@@ -348,7 +349,7 @@ class Claim:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
             held, now = os.fstat(fd), os.stat(path)
             if (held.st_dev, held.st_ino) != (now.st_dev, now.st_ino):
-                raise FileNotFoundError(path)  # replayed and replaced while we waited
+                raise FileNotFoundError(path)  # noqa: TRY301 - replayed while we waited
         except (BlockingIOError, FileNotFoundError):
             os.close(fd)
             return None
@@ -372,6 +373,7 @@ class Claim:
                 except (ValueError, RecursionError):
                     pass
                 else:
+                    self.position = offset + _HEADER.size + len(payload)
                     yield offset, record
                     continue
             self._spool._count(corrupt=1)
@@ -418,11 +420,19 @@ class Claim:
         finally:
             os.close(fd)
 
-    def __enter__(self) -> Claim:
+    def __del__(self) -> None:
+        if self._fd is not None:  # an abandoned claim must not keep its lock
+            with contextlib.suppress(Exception):
+                os.close(self._fd)
+
+    def __enter__(self) -> Self:
         return self
 
     def __exit__(
-        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
     ) -> None:
         self.release()
 
@@ -482,7 +492,7 @@ def _children(folder: Path) -> list[Path]:
 
 
 def _scan(folder: Path, *, sizes: bool = False) -> list[tuple[int, int, int, Path, int]]:
-    """The live segments as ``(time_ns, pid, seq, path, size)``, oldest first (size -1 unless asked)."""
+    """The live segments as ``(time_ns, pid, seq, path, size or -1)``, oldest first."""
     found = []
     for path in _children(folder):
         match = _NAME.fullmatch(path.name)
@@ -545,11 +555,21 @@ def _frames(data: bytes, pos: int) -> Iterator[tuple[int, bytes | None]]:
             pos = end
             continue
         yield pos, None
-        pos += 1
-        while (pos := data.find(b"\x00", pos)) >= 0 and _frame_end(data, pos) < 0:
-            pos += 1
-        if pos < 0:
-            return
+        pos = _resync(data, pos + 1)
+
+
+def _resync(data: bytes, pos: int) -> int:
+    """The offset of the next whole frame from ``pos`` on, else ``len(data)``."""
+    while (zero := data.find(b"\x00", pos)) >= 0:
+        nonzero = _NONZERO.search(data, zero)
+        if nonzero is None:
+            break
+        # a frame starts with a zero byte and has a nonzero byte among the next three
+        for start in range(max(zero, nonzero.start() - 3), nonzero.start()):
+            if _frame_end(data, start) > 0:
+                return start
+        pos = nonzero.start() + 1
+    return len(data)
 
 
 def _frame_end(data: bytes, pos: int) -> int:
@@ -559,5 +579,7 @@ def _frame_end(data: bytes, pos: int) -> int:
     length, crc = _HEADER.unpack_from(data, pos)
     end = pos + _HEADER.size + length
     if not 0 < length <= MAX_RECORD_BYTES or end > len(data):
+        return -1
+    if data.find(b"\x00", pos + _HEADER.size, end) >= 0:  # cheap: rejects most garbage
         return -1
     return end if zlib.crc32(memoryview(data)[pos + _HEADER.size : end]) == crc else -1
