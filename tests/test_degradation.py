@@ -317,3 +317,27 @@ def test_forked_pool_children_log_into_the_parents_run(store_uri: str, client: A
     assert [(i, float(i)) for i in range(8)] == _history(client, run.run_id, "child")
     assert [(0, 1.0)] == _history(client, run.run_id, "parent")
     assert client.get_run(run.run_id).info.status == "FINISHED"
+
+
+def test_killed_delivery_worker_is_replaced_and_nothing_is_lost(
+    store_uri: str, client: Any
+) -> None:
+    """The sqlite delivery worker process is killed mid-run: a new one takes over, no loss."""
+    obs = Observability.from_env(tracking_uri=store_uri, delivery_process=True, flush_interval=0.2)
+    with obs, obs.run("worker-kill", experiment="worker") as run:
+        for i in range(1000):
+            obs.metric("x", float(i), step=i)
+        assert obs.flush(60)
+        exporter = obs._exporter
+        assert exporter is not None
+        backend: Any = exporter._backend
+        assert backend._proc is not None
+        os.kill(backend._proc.pid, signal.SIGKILL)
+        for i in range(1000, 2000):
+            obs.metric("x", float(i), step=i)
+        assert obs.flush(60)
+    assert run.run_id is not None
+
+    assert backend.spawned >= 2
+    assert [(i, float(i)) for i in range(2000)] == _history(client, run.run_id, "x")
+    assert obs.stats().is_balanced()
