@@ -20,6 +20,7 @@ from typing import TYPE_CHECKING, Any
 
 import click
 
+from ._cli_retention import retention
 from ._cli_spool import spool
 from .config import ENV_PREFIX, ConfigError, Settings, load_settings
 from .demo._matrix import DEFAULT_GENERATIONS
@@ -285,6 +286,7 @@ def demo(tracking_uri: str | None, generations: int, *, quiet: bool) -> None:
 
 
 main.add_command(spool)
+main.add_command(retention)
 
 if __name__ == "__main__":  # pragma: no cover
     main()
