@@ -104,6 +104,8 @@ class Bus:
         self._emitted = {k: AtomicCounter() for k in KINDS}
         self._dropped = {k: AtomicCounter() for k in KINDS}
         self._sampled_out = AtomicCounter()
+        #: alerts folded into an earlier identical record (kind alert, sampled_out)
+        self._folded = AtomicCounter()
         self._drop_reasons: dict[str, AtomicCounter] = {
             r: AtomicCounter() for r in ("queue_full", "no_run", "closed")
         }

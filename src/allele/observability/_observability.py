@@ -16,21 +16,21 @@ import threading
 import time
 import traceback
 import weakref
-from contextlib import contextmanager
 from typing import TYPE_CHECKING, Any
 
 import anyio
 import anyio.abc
 
+from ._alerts import Alerting, AlertRecord, categorize
 from ._bus import Bus, _nop
-from ._context import CURRENT_PHASE, CURRENT_RUN, program_name
+from ._context import CURRENT_RUN, program_name
 from ._runs import Run
 from ._stats import KINDS, KindStatistics, Statistics
 from .config import Settings, load_settings
 from .exporter._exporter import Exporter
 
 if TYPE_CHECKING:
-    from collections.abc import Callable, Iterator
+    from collections.abc import Callable
     from types import TracebackType
 
     from .sinks._base import Backend
@@ -47,6 +47,7 @@ _EMITTERS = {
     "params": "param",
     "tag": "tag",
     "artifact": "artifact",
+    "alert": "alert",
     "step": None,
 }
 
@@ -129,7 +130,7 @@ class _RunScope:
         self.__exit__(exc_type, exc, tb)
 
 
-class Observability(Bus):
+class Observability(Alerting, Bus):
     """
     The in-process bus and its background exporter.
 
@@ -155,6 +156,7 @@ class Observability(Bus):
         elif overrides:
             settings = load_settings(**{**settings.model_dump(), **overrides})
         self._init_bus(settings)
+        self._init_alerting()
         self.settings = settings
         self._backend_factory = backend_factory or make_backend
         self._exporter: Exporter | None = None
@@ -164,13 +166,12 @@ class Observability(Bus):
         self._auto: Run | None = None
         self._open: dict[str, Run] = {}
         self._warned_no_run = False
-        self._tracer: Any = None
         self._task_group: anyio.abc.TaskGroup | None = None
         self._child = False
         self._closing = False
         if not settings.enabled:
             for name in _EMITTERS:
-                setattr(self, name, _nop)
+                setattr(self, name, _nop_alert if name == "alert" else _nop)
 
     @classmethod
     def from_env(cls, **overrides: Any) -> Observability:
@@ -327,10 +328,11 @@ class Observability(Bus):
             self._drop_reasons["closed"].inc,
         )
 
-        def closed(*_args: Any, **_kwargs: Any) -> None:
+        def closed(*_args: Any, **_kwargs: Any) -> Any:
             emitted()
             dropped()
             reason()
+            return "" if kind == "alert" else None
 
         return closed
 
@@ -427,8 +429,16 @@ class Observability(Bus):
         if not self.settings.enabled:
             return
         kind = type(exc).__qualname__
+        category = categorize(exc)
         self._control("tag", ("tag", run, "allele.error.type", kind))
+        self._control("tag", ("tag", run, "allele.error.category", category))
         self._control("tag", ("tag", run, "allele.error.message", str(exc)[:1000]))
+        self.alert(
+            "run.killed" if killed else "run.failed",
+            severity="warning" if killed else "error",
+            message=f"{kind}: {exc}"[:2000],
+            attributes={"category": category, "exception_type": kind},
+        )
         if killed:
             return
         text = "".join(traceback.format_exception(type(exc), exc, tb))
@@ -441,33 +451,25 @@ class Observability(Bus):
         except OSError as err:
             logger.warning("allele-observability: cannot keep the traceback: %s", err)
 
-    @contextmanager
-    def phase(self, name: str) -> Iterator[Any]:
-        """
-        Mark a phase of the experiment (an OpenTelemetry span); phases nest.
+    def _default_phase_run(self) -> Run | None:
+        run = self._default_run
+        return run if run is not None and run.status == "RUNNING" else None
 
-        Yields:
-            The OpenTelemetry span.
-        """
-        if not isinstance(name, str) or not name:
-            raise ValueError(f"phase name must be a non-empty str, got {name!r}")
-        tracer = self._tracer or self._make_tracer()
-        with tracer.start_as_current_span(f"phase {name}", attributes={"allele.phase": name}) as sp:
-            token = CURRENT_PHASE.set(name)
-            try:
-                yield sp
-            finally:
-                CURRENT_PHASE.reset(token)
+    def _emit_alert(self, record: AlertRecord) -> None:
+        if not record.correlated and record.run is None:
+            # Outside any run with no run active: the automatic run, if allowed.
+            fallback = self._fallback_run("alert")
+            if fallback is None:
+                return
+            record.correlated = [(fallback, fallback.step)]
+        self._control("alert", ("alert", record.run, record))
 
-    def _make_tracer(self) -> Any:
-        from opentelemetry import trace
-        from opentelemetry.sdk.trace import TracerProvider
+    def _alert_folded(self, record: AlertRecord) -> None:  # noqa: ARG002 - the exporter re-ships it
+        self._emitted["alert"].inc()
+        self._folded.inc()
 
-        provider = trace.get_tracer_provider()
-        if not isinstance(provider, TracerProvider):
-            provider = TracerProvider()  # private: real ids without touching global state
-        self._tracer = provider.get_tracer("allele.observability")
-        return self._tracer
+    def _emit_phase(self, run: Run, record: dict[str, Any]) -> None:
+        self._control("phase", ("phase", run, record))
 
     def _open_runs(self) -> list[Run]:
         return [r for r in list(self._open.values()) if r.status == "RUNNING"]
@@ -557,8 +559,12 @@ class Observability(Bus):
                 )
             else:
                 emitted = self._emitted[k].value
+                # Alerts folded into an earlier identical one count as sampled out; their
+                # number is in that record's `occurrences`.
+                folded = self._folded.value if k == "alert" else 0
+                pending = emitted - dropped_hot - resolved - folded
                 per_kind[k] = KindStatistics(
-                    emitted, delivered, 0, dropped, dead, spooled, emitted - dropped_hot - resolved
+                    emitted, delivered, folded, dropped, dead, spooled, pending
                 )
         reasons = {r: c.value for r, c in self._drop_reasons.items() if c.value}
         for r, n in drop_reasons_exp.items():
@@ -566,6 +572,11 @@ class Observability(Bus):
         return Statistics(
             **per_kind, state=state, drop_reasons=reasons, failures=failures, replayed=replayed
         )
+
+
+def _nop_alert(*_args: Any, **_kwargs: Any) -> str:
+    """``obs.alert`` of a disabled bus: no record, an empty id."""
+    return ""
 
 
 def _user() -> str:
@@ -602,6 +613,7 @@ def _after_fork(ref: weakref.ReferenceType[Observability]) -> None:
     obs._emitted = {k: AtomicCounter() for k in KINDS}
     obs._dropped = {k: AtomicCounter() for k in KINDS}
     obs._sampled_out = AtomicCounter()
+    obs._folded = AtomicCounter()
     obs._drop_reasons = {r: AtomicCounter() for r in obs._drop_reasons}
     obs._exporter_sleeping = False
     obs._wake = _nop

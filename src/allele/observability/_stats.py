@@ -23,7 +23,7 @@ __all__ = (
 )
 
 #: every kind of event the bus carries
-KINDS = ("metric", "param", "tag", "run", "artifact", "alert", "genome", "system")
+KINDS = ("metric", "param", "tag", "run", "artifact", "alert", "phase", "genome", "system")
 
 
 class AtomicCounter:
@@ -87,6 +87,7 @@ class Statistics(NamedTuple):
     run: KindStatistics
     artifact: KindStatistics
     alert: KindStatistics
+    phase: KindStatistics
     genome: KindStatistics
     system: KindStatistics
     #: delivery state: "healthy", "degraded", "offline", "recovering", "disabled", "closed"

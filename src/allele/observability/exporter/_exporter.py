@@ -17,6 +17,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import math
+import os
 import random
 import threading
 import time
@@ -28,6 +29,16 @@ import anyio.to_thread
 
 from .._stats import KINDS
 from ..sinks._base import Backend, DeliveryError, MetricRow, ParamRow, TagRow
+from ._annotations import (
+    ALERTS_DIR,
+    COPY,
+    PHASES_DIR,
+    PRIMARY,
+    UPDATE,
+    AlertChunk,
+    prepare_alerts,
+    write_chunk,
+)
 from ._batching import split_batches
 from ._deadletter import DeadLetters
 from ._spooling import Spooler
@@ -35,6 +46,7 @@ from ._spooling import Spooler
 if TYPE_CHECKING:
     from collections.abc import Callable
 
+    from .._alerts import AlertRecord
     from .._runs import Run
     from ..config import Settings
 
@@ -48,6 +60,8 @@ _KIND_OF = {
     "param": "param",
     "tag": "tag",
     "artifact": "artifact",
+    "alert": "alert",
+    "phase": "phase",
 }
 #: seconds a store call may overrun its timeout before the loop abandons it
 _BACKSTOP_GRACE = 1.0
@@ -70,7 +84,18 @@ class FlushTicket:
 class _Backlog:
     """What one run still owes the store, in delivery order."""
 
-    __slots__ = ("artifacts", "end", "metrics", "params", "started", "system", "tags")
+    __slots__ = (
+        "alert_chunks",
+        "alerts",
+        "artifacts",
+        "end",
+        "metrics",
+        "params",
+        "phases",
+        "started",
+        "system",
+        "tags",
+    )
 
     def __init__(self) -> None:
         self.started = False
@@ -80,10 +105,23 @@ class _Backlog:
         self.params: list[ParamRow] = []
         self.tags: list[TagRow] = []
         self.artifacts: list[tuple[str, str | None]] = []
+        #: (alert, step, role) entries not yet prepared, then chunks ready to store
+        self.alerts: list[tuple[AlertRecord, int, str]] = []
+        self.alert_chunks: list[AlertChunk] = []
+        self.phases: list[dict[str, Any]] = []
         self.end: tuple[str, int] | None = None
 
     def empty(self) -> bool:
-        return not (self.metrics or self.system or self.params or self.tags or self.artifacts)
+        return not (
+            self.metrics
+            or self.system
+            or self.params
+            or self.tags
+            or self.artifacts
+            or self.alerts
+            or self.alert_chunks
+            or self.phases
+        )
 
 
 class Exporter:
@@ -133,6 +171,10 @@ class Exporter:
         self._spooler = Spooler(self, settings)
         #: keys of the runs whose start event this exporter has drained
         self._seen_start: set[str] = set()
+        #: alert counts per run key (total, per severity, per name) for the run's tags
+        self.alert_counts: dict[str, dict[str, int]] = {}
+        #: alerts that may still fold: alert id to (record, occurrences already stored)
+        self._live_alerts: dict[str, tuple[AlertRecord, int]] = {}
 
     # -- lifecycle (any thread) -------------------------------------------------------------
     def start_thread(self) -> None:
@@ -298,6 +340,9 @@ class Exporter:
                 drained[_KIND_OF[ev[0]]] += 1
         for ev in events:
             kind, run = ev[0], ev[1]
+            if kind == "alert":
+                self._route_alert(ev[2])
+                continue
             b = self._backlog(run)
             _add(run.acct, "emitted", 1)
             if kind == "run_start":
@@ -314,6 +359,9 @@ class Exporter:
                 b.artifacts.append((ev[2], ev[3]))
             elif kind == "run_end":
                 b.end = (ev[2], ev[3])
+            elif kind == "phase":
+                b.phases.append(ev[2])
+        self._ship_alert_updates()
         last: Run | None = None
         rows: list[MetricRow] = []
         per_run: dict[Run, int] = {}
@@ -343,6 +391,68 @@ class Exporter:
                 t.ok = True
                 t.done.set()
             self._owned_tickets.clear()
+
+    def _route_alert(self, record: AlertRecord) -> None:
+        """An alert goes to every run it hits; the first one holds the event."""
+        role = PRIMARY
+        for target, step in record.correlated:
+            self._backlog(target).alerts.append((record, step, role))
+            role = COPY
+        _add(record.correlated[0][0].acct, "emitted", 1)
+        self._live_alerts[record.alert_id] = (record, record.occurrences)
+
+    def _ship_alert_updates(self) -> None:
+        """Store again the alerts whose occurrence count grew; forget those that can't."""
+        if not self._live_alerts:
+            return
+        horizon = time.time_ns() // 1_000_000 - int(self._settings.alert_dedupe_window * 1000)
+        for alert_id, (record, stored) in list(self._live_alerts.items()):
+            if record.occurrences != stored:
+                for target, step in record.correlated:
+                    self._backlog(target).alerts.append((record, step, UPDATE))
+                self._live_alerts[alert_id] = (record, record.occurrences)
+            elif record.time < horizon - 1000:
+                del self._live_alerts[alert_id]
+
+    async def _deliver_annotations(
+        self, run: Run, run_id: str, b: _Backlog, limiter: anyio.CapacityLimiter
+    ) -> None:
+        backend = self._backend
+        assert backend is not None
+        if b.alerts:
+            counts = self.alert_counts.setdefault(run.key, {})
+            b.alert_chunks.append(prepare_alerts(b.alerts, counts))
+            b.alerts = []
+        directory = self._settings.spool_dir
+        while b.alert_chunks:
+            chunk = b.alert_chunks[0]
+            try:
+                path = write_chunk(directory, run.key, "alerts", chunk.records)
+                await self._call(limiter, backend.log_artifact, run_id, path, ALERTS_DIR)
+                for bm, bp, bt in split_batches(chunk.metrics, [], chunk.tags):
+                    await self._call(limiter, backend.log_batch, run_id, bm, bp, bt)
+                _unlink(path)
+            except DeliveryError as err:
+                if err.retryable:
+                    raise
+                self._dead.write("alert", run, chunk.records, err)
+                self._count(run, "alert", "dead_lettered", chunk.primary)
+            else:
+                self._count(run, "alert", "delivered", chunk.primary)
+            b.alert_chunks.pop(0)
+        if b.phases:
+            try:
+                path = write_chunk(directory, run.key, "phases", b.phases)
+                await self._call(limiter, backend.log_artifact, run_id, path, PHASES_DIR)
+                _unlink(path)
+            except DeliveryError as err:
+                if err.retryable:
+                    raise
+                self._dead.write("phase", run, b.phases, err)
+                self._count(run, "phase", "dead_lettered", len(b.phases))
+            else:
+                self._count(run, "phase", "delivered", len(b.phases))
+            b.phases = []
 
     async def _deliver_all(self, limiter: anyio.CapacityLimiter) -> None:
         # Create every new run first, so run ids are known at once, not after the bulk
@@ -419,6 +529,7 @@ class Exporter:
                 del b.metrics[: len(bm)]
             del b.params[: len(bp)]
             del b.tags[: len(bt)]
+        await self._deliver_annotations(run, run_id, b, limiter)
         while b.artifacts:
             local, apath = b.artifacts[0]
             try:
@@ -632,6 +743,11 @@ class Exporter:
         ):
             self._count(run, kind, "dropped", len(rows))
             total += len(rows)
+        primary = sum(1 for _, _, role in b.alerts if role == PRIMARY)
+        primary += sum(c.primary for c in b.alert_chunks)
+        self._count(run, "alert", "dropped", primary)
+        self._count(run, "phase", "dropped", len(b.phases))
+        total += primary + len(b.phases)
         if b.end is not None:
             self._count(run, "run", "dropped", 1)
             total += 1
@@ -686,6 +802,11 @@ def _add(acct: dict[str, int], key: str, n: int) -> None:
 
 def _nop() -> None:
     pass
+
+
+def _unlink(path: str) -> None:
+    with contextlib.suppress(OSError):
+        os.unlink(path)
 
 
 def _threadsafe_caller(fn: Callable[[], None]) -> Callable[[], None]:

@@ -26,11 +26,14 @@ from __future__ import annotations
 import json
 import logging
 import os
+import tempfile
 import threading
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, NamedTuple
 
 from ..sinks._base import DeliveryError
+from ._annotations import ALERTS_DIR, PHASES_DIR, write_chunk
+from ._batching import split_batches
 
 if TYPE_CHECKING:
     from collections.abc import Callable
@@ -57,6 +60,10 @@ def record_counts(record: list[Any]) -> dict[str, int]:
         }
     if kind in ("run", "end"):
         return {"run": 1}
+    if kind == "alerts":
+        return {"alert": record[8]}
+    if kind == "phases":
+        return {"phase": len(record[5])}
     return {"artifact": 1}
 
 
@@ -247,6 +254,8 @@ class Replayer:
             elif kind == "artifact":
                 _, _, key, exp, run_id, local, apath = record
                 self._backend.log_artifact(self._run_id(key, exp, run_id), local, apath)
+            elif kind in ("alerts", "phases"):
+                self._replay_annotations(record)
             elif kind == "end":
                 _, _, key, exp, run_id, status, end_time, acct = record
                 rid = self._run_id(key, exp, run_id)
@@ -263,6 +272,30 @@ class Replayer:
             self._dead.write_record(record, err)
             return record_counts(record)
         return self._lost
+
+    def _replay_annotations(self, record: list[Any]) -> None:
+        key, exp, run_id, items = record[2], record[3], record[4], record[5]
+        rid = self._run_id(key, exp, run_id)
+        runs = self._runs
+        is_alerts = record[0] == "alerts"
+        for item in items:  # fill in the run ids that were not known when spooled
+            if is_alerts:
+                if item.get("run_id") is None and item.get("run_key"):
+                    item["run_id"] = runs.get(item["run_key"])
+                keys = item.get("correlated_run_keys") or []
+                ids = item.get("correlated_run_ids") or [None] * len(keys)
+                item["correlated_run_ids"] = [
+                    i or runs.get(k) for i, k in zip(ids, keys, strict=False)
+                ]
+            elif item.get("run_id") is None:
+                item["run_id"] = rid
+        with tempfile.TemporaryDirectory(prefix="allele-replay-") as tmp:
+            path = write_chunk(Path(tmp), key, record[0], items)
+            self._backend.log_artifact(rid, path, ALERTS_DIR if is_alerts else PHASES_DIR)
+        if is_alerts:
+            for bm, bp, bt in split_batches([tuple(m) for m in record[6]], [],
+                                            [tuple(t) for t in record[7]]):  # fmt: skip
+                self._backend.log_batch(rid, bm, bp, bt)
 
     def _replay_run(self, record: list[Any]) -> None:
         _, _, key, exp, artifact_location, name, start_time, tags, parent_key, parent_id = record

@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from ..sinks._spool import Spool, prune
+from ._annotations import prepare_alerts
 from ._batching import split_batches
 from ._replay import Replayer, ReplayReport, RunMap, record_counts
 
@@ -121,8 +122,18 @@ class Spooler:
             records.append(["batch", inst, key, name, run_id, bm, bp, bt, False])
         for bm, _, _ in split_batches(b.system, [], [], max_metrics=max_metrics):
             records.append(["batch", inst, key, name, run_id, bm, [], [], True])
+        if b.alerts:
+            counts = exp.alert_counts.setdefault(key, {})
+            b.alert_chunks.append(prepare_alerts(b.alerts, counts))
+        records.extend(
+            ["alerts", inst, key, name, run_id, c.records, c.metrics, c.tags, c.primary]
+            for c in b.alert_chunks
+        )
+        if b.phases:
+            records.append(["phases", inst, key, name, run_id, b.phases])
         records.extend(["artifact", inst, key, name, run_id, p, a] for p, a in b.artifacts)
         b.metrics, b.system, b.params, b.tags, b.artifacts = [], [], [], [], []
+        b.alerts, b.alert_chunks, b.phases = [], [], []
         self._own_runs[key] = run
         spool = self._get()
         for record in records:
