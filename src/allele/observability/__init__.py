@@ -14,14 +14,22 @@ from ._stats import Statistics as Statistics
 from .config import ConfigError as ConfigError
 from .config import SamplingRule as SamplingRule
 from .config import Settings as Settings
+from .queries import Alert as Alert
+from .queries import AlertContext as AlertContext
+from .queries import Queries as Queries
+from .queries import RunRef as RunRef
 from .sinks._base import DeliveryError as DeliveryError
 
 __all__ = (
+    "Alert",
+    "AlertContext",
     "ConfigError",
     "DeliveryError",
     "KindStatistics",
     "Observability",
+    "Queries",
     "Run",
+    "RunRef",
     "SamplingRule",
     "Settings",
     "Statistics",

@@ -183,10 +183,26 @@ class Alerting:
         if any(not isinstance(k, str) for k in attrs):
             raise TypeError(f"alert {name!r}: attribute keys must be str, got {list(attrs)!r}")
         attrs = json.loads(json.dumps(attrs, default=str))  # a stored, immutable copy
-        now = time.time_ns()
         run = CURRENT_RUN.get()
+        return self._raise_alert(
+            name, severity, str(message), attrs, run, run.step if run else None,
+            CURRENT_PHASES.get(),
+        )  # fmt: skip
+
+    def _raise_alert(
+        self,
+        name: str,
+        severity: str,
+        message: str,
+        attrs: dict[str, Any],
+        run: Run | None,
+        step: int | None,
+        phase_path: tuple[str, ...],
+    ) -> str:
+        """Fold or record a validated alert (also used by detectors, for a given run)."""
+        now = time.time_ns()
         if run is not None:
-            correlated = [(run, run.step)]
+            correlated = [(run, step if step is not None else run.step)]
         else:
             correlated = [(r, r.step) for r in self._open_runs()]
         base = json.dumps([name, severity, attrs], sort_keys=True)
@@ -209,7 +225,7 @@ class Alerting:
             alert_id=f"a-{now:016x}-{random.getrandbits(32):08x}",
             name=name,
             severity=severity,
-            message=str(message),
+            message=message,
             attributes=attrs,
             fingerprint=fingerprint,
             time=now // 1_000_000,
@@ -217,8 +233,8 @@ class Alerting:
             occurrences=1,
             run=run,
             correlated=correlated,
-            phase_path=CURRENT_PHASES.get(),
-            step=run.step if run is not None else None,
+            phase_path=phase_path,
+            step=step,
             trace_id=trace_id,
             span_id=span_id,
             host=self._host,

@@ -33,7 +33,9 @@ if TYPE_CHECKING:
     from collections.abc import Callable
     from types import TracebackType
 
+    from .queries import Queries
     from .sinks._base import Backend
+    from .sources._detectors import Detector
 
 __all__ = ("Observability", "make_backend")
 
@@ -157,6 +159,13 @@ class Observability(Alerting, Bus):
             settings = load_settings(**{**settings.model_dump(), **overrides})
         self._init_bus(settings)
         self._init_alerting()
+        #: detectors run by the exporter over every metric it drains
+        self._detectors: list[Any] = []
+        if settings.detectors.strip():
+            from .sources._detectors import parse_detectors
+
+            self._detectors.extend(parse_detectors(settings.detectors))
+        self._queries: Queries | None = None
         self.settings = settings
         self._backend_factory = backend_factory or make_backend
         self._exporter: Exporter | None = None
@@ -450,6 +459,26 @@ class Observability(Alerting, Bus):
             self._control("artifact", ("artifact", run, str(path), "error"))
         except OSError as err:
             logger.warning("allele-observability: cannot keep the traceback: %s", err)
+
+    def add_detector(self, detector: Detector) -> None:
+        """
+        Watch metric streams with ``detector`` (see :mod:`allele.observability.detectors`);
+        it runs in the exporter, off the hot path, and its findings are alerts of the run.
+        """
+        if not callable(getattr(detector, "observe", None)):
+            raise TypeError(f"detector must have an observe() method, got {detector!r}")
+        self._detectors.append(detector)
+
+    @property
+    def queries(self) -> Queries:
+        """Alert and run queries on this instance's tracking store (they read MLflow only)."""
+        if self._queries is None:
+            from .queries import Queries as _Queries
+
+            self._queries = _Queries(
+                self.settings.tracking_uri, experiment_prefix=self.settings.experiment_prefix
+            )
+        return self._queries
 
     def _default_phase_run(self) -> Run | None:
         run = self._default_run

@@ -174,6 +174,8 @@ class Settings(BaseSettings):
     system_metrics_interval: float = Field(default=10.0, ge=0)
     #: seconds within which identical alerts fold into one record
     alert_dedupe_window: float = Field(default=60.0, ge=0)
+    #: built-in detectors as JSON, e.g. [{"type": "stagnation", "metric": "fitness.best"}]
+    detectors: str = ""
     #: deliver to database stores from a worker process (keeps the experiment's CPU free)
     delivery_process: bool = True
     #: bearer token for the tracking server (never logged; MLFLOW_TRACKING_TOKEN also works)
@@ -189,6 +191,15 @@ class Settings(BaseSettings):
         if isinstance(value, (str, dict)):
             return parse_sampling(value)
         raise ValueError(f"expected a JSON object or 'glob=every:N' string, got {value!r}")
+
+    @field_validator("detectors")
+    @classmethod
+    def _check_detectors(cls, value: str) -> str:
+        if value.strip():
+            from .sources._detectors import parse_detectors
+
+            parse_detectors(value)  # raises ValueError naming the bad entry
+        return value
 
     @field_validator("tracking_uri")
     @classmethod

@@ -374,6 +374,8 @@ class Exporter:
             per_run[run] += 1
         for run, n in per_run.items():
             _add(run.acct, "emitted", n)
+        if self._bus._detectors and items:
+            self._detect(items)
         if len(bus.sanitized) != self._warned_names:
             self._warn_sanitized()
         now = time.monotonic()
@@ -391,6 +393,15 @@ class Exporter:
                 t.ok = True
                 t.done.set()
             self._owned_tickets.clear()
+
+    def _detect(self, items: list[tuple[Run, str, float, int, int]]) -> None:
+        """Run the detectors over drained metrics; findings become alerts of their run."""
+        raise_alert = self._bus._raise_alert
+        for detector in list(self._bus._detectors):
+            observe = detector.observe
+            for run, key, value, _ts, step in items:
+                for f in observe(run.key, key, value, step):
+                    raise_alert(f.name, f.severity, f.message, f.attributes, run, step, ())
 
     def _route_alert(self, record: AlertRecord) -> None:
         """An alert goes to every run it hits; the first one holds the event."""
