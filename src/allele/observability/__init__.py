@@ -14,6 +14,8 @@ from ._stats import Statistics as Statistics
 from .config import ConfigError as ConfigError
 from .config import SamplingRule as SamplingRule
 from .config import Settings as Settings
+from .genomes import GenomeRegistry as GenomeRegistry
+from .genomes import GenomeVersion as GenomeVersion
 from .queries import Alert as Alert
 from .queries import AlertContext as AlertContext
 from .queries import Queries as Queries
@@ -25,6 +27,8 @@ __all__ = (
     "AlertContext",
     "ConfigError",
     "DeliveryError",
+    "GenomeRegistry",
+    "GenomeVersion",
     "KindStatistics",
     "Observability",
     "Queries",

@@ -227,6 +227,47 @@ class Bus:
             return
         self._control("artifact", ("artifact", run, os.path.abspath(local), artifact_path))
 
+    def genome(
+        self,
+        genome: Any,
+        *,
+        name: str,
+        fitness: float | None = None,
+        generation: int | None = None,
+        parents: Any = (),
+        tags: Mapping[str, str] | None = None,
+        evaluations: Any = None,
+    ) -> str:
+        """
+        Record a genome; returns its id (a content hash: the same genome twice, in any
+        process, is one id). With the registry on it becomes a version of the registered
+        model ``name`` (see ``docs/genomes.md``); otherwise it is logged to the run.
+
+        Raises:
+            TypeError: the genome has no canonical form (the message gives the path).
+            ValueError: an empty name, a bad parent id, fitness or generation.
+        """
+        from ._genome_types import prepare_genome
+
+        run = CURRENT_RUN.get() or self._fallback_run("genome")
+        if generation is None and run is not None:
+            generation = run.step
+        canon, _ = prepare_genome(genome, name, fitness, generation, parents, evaluations)
+        if run is None:
+            return canon.genome_id
+        payload = {
+            "genome_id": canon.genome_id,
+            "text": canon.text,
+            "name": name,
+            "fitness": None if fitness is None else float(fitness),
+            "generation": generation,
+            "parents": list(parents),
+            "tags": dict(tags or {}),
+            "evaluations": None if evaluations is None else [float(e) for e in evaluations],
+        }
+        self._control("genome", ("genome", run, payload))
+        return canon.genome_id
+
     # -- helpers --------------------------------------------------------------------------
     def _control(self, kind: str, event: tuple[Any, ...]) -> None:
         self._emitted[kind].inc()

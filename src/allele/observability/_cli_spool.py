@@ -91,6 +91,7 @@ def replay(tracking_uri: str | None, spool_dir: str | None) -> None:
     """Deliver every replayable segment to the tracking store, oldest first."""
     from ._observability import make_backend
     from .exporter._deadletter import DeadLetters
+    from .exporter._genomes import GenomeSink
     from .exporter._replay import Replayer, RunMap
     from .sinks._spool import Spool
 
@@ -102,7 +103,13 @@ def replay(tracking_uri: str | None, spool_dir: str | None) -> None:
     total = sum(s.records or 0 for s in Spool.inspect(directory) if s.state == "replayable")
     backend = make_backend(settings)
     store = Spool(directory, max_bytes=settings.spool_max_bytes)
-    replayer = Replayer(store, backend, RunMap(directory), DeadLetters(directory))
+    replayer = Replayer(
+        store,
+        backend,
+        RunMap(directory),
+        DeadLetters(directory),
+        genome_sink=GenomeSink(settings),
+    )
     try:
         progressbar: Any = click.progressbar  # its overloads confuse mypy
         with progressbar(length=total, label="replaying", show_pos=True, file=sys.stderr) as bar:

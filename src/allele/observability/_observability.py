@@ -33,6 +33,7 @@ if TYPE_CHECKING:
     from collections.abc import Callable
     from types import TracebackType
 
+    from .genomes import GenomeRegistry
     from .queries import Queries
     from .sinks._base import Backend
     from .sources._detectors import Detector
@@ -50,6 +51,7 @@ _EMITTERS = {
     "tag": "tag",
     "artifact": "artifact",
     "alert": "alert",
+    "genome": "genome",
     "step": None,
 }
 
@@ -166,6 +168,7 @@ class Observability(Alerting, Bus):
 
             self._detectors.extend(parse_detectors(settings.detectors))
         self._queries: Queries | None = None
+        self._genomes: GenomeRegistry | None = None
         self.settings = settings
         self._backend_factory = backend_factory or make_backend
         self._exporter: Exporter | None = None
@@ -180,7 +183,7 @@ class Observability(Alerting, Bus):
         self._closing = False
         if not settings.enabled:
             for name in _EMITTERS:
-                setattr(self, name, _nop_alert if name == "alert" else _nop)
+                setattr(self, name, _DISABLED.get(name, _nop))
 
     @classmethod
     def from_env(cls, **overrides: Any) -> Observability:
@@ -337,10 +340,12 @@ class Observability(Alerting, Bus):
             self._drop_reasons["closed"].inc,
         )
 
-        def closed(*_args: Any, **_kwargs: Any) -> Any:
+        def closed(*args: Any, **_kwargs: Any) -> Any:
             emitted()
             dropped()
             reason()
+            if kind == "genome" and args:
+                return _genome_id_only(args[0])
             return "" if kind == "alert" else None
 
         return closed
@@ -480,6 +485,16 @@ class Observability(Alerting, Bus):
             )
         return self._queries
 
+    @property
+    def genomes(self) -> GenomeRegistry:
+        """Genome versions, champion, lineage and comparison on this instance's stores."""
+        if self._genomes is None:
+            from .genomes import GenomeRegistry as _GenomeRegistry
+
+            s = self.settings
+            self._genomes = _GenomeRegistry(s.tracking_uri, s.model_registry_uri)
+        return self._genomes
+
     def _default_phase_run(self) -> Run | None:
         run = self._default_run
         return run if run is not None and run.status == "RUNNING" else None
@@ -606,6 +621,17 @@ class Observability(Alerting, Bus):
 def _nop_alert(*_args: Any, **_kwargs: Any) -> str:
     """``obs.alert`` of a disabled bus: no record, an empty id."""
     return ""
+
+
+def _genome_id_only(genome: Any, *_args: Any, **_kwargs: Any) -> str:
+    """``obs.genome`` of a disabled bus: nothing recorded, but the id is still the id."""
+    from ._genome_identity import genome_id
+
+    return genome_id(genome)
+
+
+#: the emit methods of a disabled bus that return something
+_DISABLED: dict[str, Any] = {"alert": _nop_alert, "genome": _genome_id_only}
 
 
 def _user() -> str:

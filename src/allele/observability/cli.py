@@ -21,6 +21,7 @@ from typing import TYPE_CHECKING, Any
 import click
 
 from ._cli_alerts import alerts, correlate
+from ._cli_genomes import genomes
 from ._cli_retention import retention
 from ._cli_spool import spool
 from .config import ENV_PREFIX, ConfigError, Settings, load_settings
@@ -287,6 +288,7 @@ def demo(tracking_uri: str | None, generations: int, *, quiet: bool) -> None:
 
 
 main.add_command(spool)
+main.add_command(genomes)
 main.add_command(alerts)
 main.add_command(correlate)
 main.add_command(retention)

@@ -185,10 +185,21 @@ def _run_cell(
     ga = _TrackedGA(problem, config, tracker)
     phase, metrics = tracker.phase, tracker.metrics
     stats: GenerationStats[Any] | None = None
+    champion: str | None = None
     for _ in range(config.generations):
         with phase("generation"):
             stats = ga.step()
         cell.observe(stats)
+        if stats.generation == 0 or stats.improved:
+            # Each new best genome becomes a version of the registered model named after
+            # the problem; its parent is the previous best, so lineage follows the climb.
+            champion = tracker.genome(
+                stats.best_genome,
+                name=f"{problem.name}-genome",
+                fitness=stats.best,
+                generation=stats.generation,
+                parents=[champion] if champion else [],
+            )
         metrics(
             {
                 "fitness.best": stats.best,

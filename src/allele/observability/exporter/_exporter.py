@@ -41,6 +41,7 @@ from ._annotations import (
 )
 from ._batching import split_batches
 from ._deadletter import DeadLetters
+from ._genomes import GenomeSink
 from ._spooling import Spooler
 
 if TYPE_CHECKING:
@@ -62,6 +63,7 @@ _KIND_OF = {
     "artifact": "artifact",
     "alert": "alert",
     "phase": "phase",
+    "genome": "genome",
 }
 #: seconds a store call may overrun its timeout before the loop abandons it
 _BACKSTOP_GRACE = 1.0
@@ -89,6 +91,7 @@ class _Backlog:
         "alerts",
         "artifacts",
         "end",
+        "genomes",
         "metrics",
         "params",
         "phases",
@@ -109,6 +112,7 @@ class _Backlog:
         self.alerts: list[tuple[AlertRecord, int, str]] = []
         self.alert_chunks: list[AlertChunk] = []
         self.phases: list[dict[str, Any]] = []
+        self.genomes: list[dict[str, Any]] = []
         self.end: tuple[str, int] | None = None
 
     def empty(self) -> bool:
@@ -121,6 +125,7 @@ class _Backlog:
             or self.alerts
             or self.alert_chunks
             or self.phases
+            or self.genomes
         )
 
 
@@ -169,6 +174,8 @@ class Exporter:
         self._warned_names = 0
         self._system: Any = None
         self._spooler = Spooler(self, settings)
+        #: registers genome events (the model registry, or the run only)
+        self.genome_sink = GenomeSink(settings)
         #: keys of the runs whose start event this exporter has drained
         self._seen_start: set[str] = set()
         #: alert counts per run key (total, per severity, per name) for the run's tags
@@ -361,6 +368,8 @@ class Exporter:
                 b.end = (ev[2], ev[3])
             elif kind == "phase":
                 b.phases.append(ev[2])
+            elif kind == "genome":
+                b.genomes.append(ev[2])
         self._ship_alert_updates()
         last: Run | None = None
         rows: list[MetricRow] = []
@@ -541,6 +550,17 @@ class Exporter:
             del b.params[: len(bp)]
             del b.tags[: len(bt)]
         await self._deliver_annotations(run, run_id, b, limiter)
+        while b.genomes:
+            try:
+                await self._call(limiter, self.genome_sink, run_id, b.genomes[0])
+            except DeliveryError as err:
+                if err.retryable:
+                    raise
+                self._dead.write("genome", run, [b.genomes[0]], err)
+                self._count(run, "genome", "dead_lettered", 1)
+            else:
+                self._count(run, "genome", "delivered", 1)
+            b.genomes.pop(0)
         while b.artifacts:
             local, apath = b.artifacts[0]
             try:
@@ -758,7 +778,8 @@ class Exporter:
         primary += sum(c.primary for c in b.alert_chunks)
         self._count(run, "alert", "dropped", primary)
         self._count(run, "phase", "dropped", len(b.phases))
-        total += primary + len(b.phases)
+        self._count(run, "genome", "dropped", len(b.genomes))
+        total += primary + len(b.phases) + len(b.genomes)
         if b.end is not None:
             self._count(run, "run", "dropped", 1)
             total += 1

@@ -64,6 +64,8 @@ def record_counts(record: list[Any]) -> dict[str, int]:
         return {"alert": record[8]}
     if kind == "phases":
         return {"phase": len(record[5])}
+    if kind == "genome":
+        return {"genome": 1}
     return {"artifact": 1}
 
 
@@ -145,6 +147,7 @@ class Replayer:
         run_map: run key to run id.
         dead: where rejected records go.
         on_run: called with (key, run_id) when a run is created or found.
+        genome_sink: registers genome records (``exporter._genomes.GenomeSink``).
         end_tags: returns fresh accounting tags for a run's end record, or None to use
             the record's own (adjusted: what was spooled is now delivered).
         on_delivered: called with (record, dead) for each record replayed, where ``dead``
@@ -162,6 +165,7 @@ class Replayer:
         on_run: Callable[[str, str], None] | None = None,
         on_delivered: Callable[[list[Any], dict[str, int]], None] | None = None,
         end_tags: Callable[[list[Any]], list[tuple[str, str]] | None] | None = None,
+        genome_sink: Callable[[str, dict[str, Any]], None] | None = None,
     ) -> None:
         self._spool = spool
         self._backend = backend
@@ -170,6 +174,7 @@ class Replayer:
         self._on_run = on_run
         self._on_delivered = on_delivered
         self._end_tags = end_tags
+        self._genome_sink = genome_sink
         self._experiments: dict[str, str] = {}
         self._lost: dict[str, int] = {}
 
@@ -256,6 +261,11 @@ class Replayer:
                 self._backend.log_artifact(self._run_id(key, exp, run_id), local, apath)
             elif kind in ("alerts", "phases"):
                 self._replay_annotations(record)
+            elif kind == "genome":
+                if self._genome_sink is None:
+                    msg = "no genome registry configured for this replay"
+                    raise DeliveryError("unavailable", msg, retryable=True)  # noqa: TRY301
+                self._genome_sink(self._run_id(record[2], record[3], record[4]), record[5])
             elif kind == "end":
                 _, _, key, exp, run_id, status, end_time, acct = record
                 rid = self._run_id(key, exp, run_id)

@@ -131,9 +131,10 @@ class Spooler:
         )
         if b.phases:
             records.append(["phases", inst, key, name, run_id, b.phases])
+        records.extend(["genome", inst, key, name, run_id, g] for g in b.genomes)
         records.extend(["artifact", inst, key, name, run_id, p, a] for p, a in b.artifacts)
         b.metrics, b.system, b.params, b.tags, b.artifacts = [], [], [], [], []
-        b.alerts, b.alert_chunks, b.phases = [], [], []
+        b.alerts, b.alert_chunks, b.phases, b.genomes = [], [], [], []
         self._own_runs[key] = run
         spool = self._get()
         for record in records:
@@ -172,6 +173,7 @@ class Spooler:
             on_run=self._on_run,
             on_delivered=self._on_delivered,
             end_tags=self._end_tags,
+            genome_sink=self._exp.genome_sink,
         )
         report = replayer.replay(max_records=max_records)
         if report.error is None and (max_records is None or report.records < max_records):
