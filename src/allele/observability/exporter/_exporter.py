@@ -65,6 +65,8 @@ _KIND_OF = {
     "phase": "phase",
     "genome": "genome",
 }
+#: share of the shutdown time kept for spooling what could not be delivered
+SPOOL_RESERVE = 0.2
 #: seconds a store call may overrun its timeout before the loop abandons it
 _BACKSTOP_GRACE = 1.0
 _BACKOFF_BASE = 0.25
@@ -208,8 +210,13 @@ class Exporter:
         return ticket
 
     def begin_stop(self, deadline: float) -> None:
-        """Ask the loop to deliver what it can before ``deadline`` and exit."""
-        self._deadline = deadline
+        """
+        Ask the loop to deliver what it can before ``deadline`` and exit. Delivery stops a
+        little earlier (``SPOOL_RESERVE`` of the time left, at most 1 s), so that what is
+        left can still be written to the spool before the deadline.
+        """
+        remaining = max(0.0, deadline - time.monotonic())
+        self._deadline = deadline - min(1.0, SPOOL_RESERVE * remaining)
         self._stop = True
         self._bus._wake()
         self._tighten()
