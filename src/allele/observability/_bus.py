@@ -37,6 +37,12 @@ _NameEntry = tuple[str, "SamplingRule | None"]
 _NAME_CACHE_LIMIT = 100_000
 
 
+class _Nanoseconds(int):
+    """A timestamp already in ns since the epoch (``obs.metrics`` stamps once for all)."""
+
+    __slots__ = ()
+
+
 def _as_float(name: str, value: Any) -> float:
     cls = value.__class__
     if cls is int or cls is bool:
@@ -94,7 +100,12 @@ class Bus:
         self._data_cap = settings.queue_size
         self._ctrl_cap = max(1000, settings.queue_size // 10)
         self._batch = settings.metrics_batch_size
-        self._data: deque[tuple[Run, str, float, int, int]] = deque()
+        #: (run key, metric key, value, time in ns, step): only atomic values, so queued
+        #: events are untracked by the cyclic GC (a Run in the tuple would keep every one
+        #: of them tracked and make each full collection walk the whole backlog)
+        self._data: deque[tuple[str, str, float, int, int]] = deque()
+        #: run key to Run, for the exporter (runs are never removed: they are small)
+        self._runs: dict[str, Run] = {}
         self._ctrl: deque[tuple[Any, ...]] = deque()
         self._names: dict[str, _NameEntry] = {}
         self._rules = tuple(settings.sampling.items())
@@ -149,22 +160,27 @@ class Bus:
             if step.__class__ is not int:
                 step = _as_step(name, step)
             run.step = step
-        ts = _time_ns() // 1_000_000 if timestamp is None else _as_timestamp_ms(timestamp)
+        if timestamp is None:
+            ts = _time_ns()  # ns: the exporter divides, off the hot path
+        elif timestamp.__class__ is _Nanoseconds:
+            ts = timestamp
+        else:
+            ts = _as_timestamp_ms(timestamp) * 1_000_000
         if entry[1] is not None and not self._keep(run, entry, value, ts, step):
             return
         lane = self._data
         if len(lane) < self._data_cap:
-            lane.append((run, entry[0], value, ts, step))
+            lane.append((run.key, entry[0], value, ts, step))
             if self._exporter_sleeping and len(lane) >= self._batch:
                 self._wake()
         else:
-            self._overflow(run, (run, entry[0], value, ts, step))
+            self._overflow(run, (run.key, entry[0], value, ts, step))
 
     def metrics(self, values: Mapping[str, float], step: int | None = None) -> None:
         """Record several metrics at the same step and time."""
         if not isinstance(values, Mapping):
             raise TypeError(f"metrics expects a mapping of name to value, got {values!r}")
-        ts = _time_ns() / 1e9
+        ts = _Nanoseconds(_time_ns())  # one timestamp for all, validated once
         metric = self.metric
         for name, value in values.items():
             metric(name, value, step, timestamp=ts)
@@ -317,7 +333,7 @@ class Bus:
                 series.minimum = value
                 keep = True
             if rule.max_per_second:
-                window = ts // 1000  # one-second windows of the emit timestamps
+                window = ts // 1_000_000_000  # one-second windows of the emit timestamps
                 if window != series.window:
                     series.window = window
                     series.kept_in_window = 0
@@ -328,7 +344,7 @@ class Bus:
             if keep:
                 series.kept_in_window += 1
             if not keep:
-                series.held = (run, entry[0], value, ts, step)
+                series.held = (run.key, entry[0], value, ts, step)
         return keep
 
     def _release_held(self, run: Run) -> None:
@@ -345,7 +361,7 @@ class Bus:
     def _held_count(self, runs: list[Run]) -> int:
         return sum(1 for r in runs for s in list(r.series.values()) if s.held is not None)
 
-    def _overflow(self, run: Run, event: tuple[Run, str, float, int, int]) -> None:
+    def _overflow(self, run: Run, event: tuple[str, str, float, int, int]) -> None:
         if self._settings.overflow == "block" and self._block_until_space():
             self._data.append(event)
             return

@@ -409,6 +409,7 @@ class Observability(Alerting, Bus):
         )
         if not self.settings.enabled:
             return run
+        self._runs[run.key] = run
         self.start()
         self._open[run.key] = run
         all_tags = {

@@ -378,18 +378,22 @@ class Exporter:
             elif kind == "genome":
                 b.genomes.append(ev[2])
         self._ship_alert_updates()
-        last: Run | None = None
+        runs = bus._runs
+        last_key: str | None = None
+        current: Run | None = None
         rows: list[MetricRow] = []
-        per_run: dict[Run, int] = {}
-        for run, key, value, ts, step in items:
-            if run is not last:
-                rows = self._backlog(run).metrics
-                last = run
-                per_run.setdefault(run, 0)
-            rows.append((key, value, ts, step))
-            per_run[run] += 1
-        for run, n in per_run.items():
-            _add(run.acct, "emitted", n)
+        n = 0
+        for run_key, key, value, ts, step in items:
+            if run_key is not last_key:
+                if current is not None:
+                    _add(current.acct, "emitted", n)
+                current = runs[run_key]
+                rows = self._backlog(current).metrics
+                last_key, n = run_key, 0
+            rows.append((key, value, ts // 1_000_000, step))
+            n += 1
+        if current is not None:
+            _add(current.acct, "emitted", n)
         if self._bus._detectors and items:
             self._detect(items)
         if len(bus.sanitized) != self._warned_names:
@@ -410,13 +414,15 @@ class Exporter:
                 t.done.set()
             self._owned_tickets.clear()
 
-    def _detect(self, items: list[tuple[Run, str, float, int, int]]) -> None:
+    def _detect(self, items: list[tuple[str, str, float, int, int]]) -> None:
         """Run the detectors over drained metrics; findings become alerts of their run."""
         raise_alert = self._bus._raise_alert
+        runs = self._bus._runs
         for detector in list(self._bus._detectors):
             observe = detector.observe
-            for run, key, value, _ts, step in items:
-                for f in observe(run.key, key, value, step):
+            for run_key, key, value, _ts, step in items:
+                for f in observe(run_key, key, value, step):
+                    run = runs[run_key]
                     raise_alert(f.name, f.severity, f.message, f.attributes, run, step, ())
 
     def _route_alert(self, record: AlertRecord) -> None:
