@@ -233,7 +233,8 @@ class LoadMeter:
 
     def _read(self) -> tuple[float, float, float]:
         t = self._psutil.cpu_times()
-        busy = sum(t) - t.idle - getattr(t, "iowait", 0.0)
+        idle = ("idle", "iowait", "steal", "guest", "guest_nice")  # guest is inside user
+        busy = sum(t) - sum(getattr(t, f, 0.0) for f in idle)
         c = self._me.cpu_times()
         own = c.user + c.system + c.children_user + c.children_system
         with contextlib.suppress(Exception):
@@ -243,15 +244,33 @@ class LoadMeter:
                     own += ct.user + ct.system
         return time.perf_counter(), busy, own
 
-    def read(self) -> dict[str, float]:
+    def read(self, lost_own_cpu: float = 0.0) -> dict[str, float]:
+        """
+        ``lost_own_cpu``: CPU seconds of processes we started but could not reap (an
+        orphaned grandchild such as the mlflow server's worker), counted as ours.
+        """
         now = self._read()
         wall = now[0] - self.start[0]
         busy = (now[1] - self.start[1]) / wall
-        own = (now[2] - self.start[2]) / wall
+        own = (now[2] - self.start[2] + lost_own_cpu) / wall
         out = {"busy_cores": busy, "own_cores": own, "other_cores": max(0.0, busy - own)}
         with contextlib.suppress(OSError):
             out["loadavg_1m"] = os.getloadavg()[0]
         return out
+
+
+def settle(max_wait: float, quiet_cores: float = 0.25) -> float:
+    """
+    Wait (at most ``max_wait`` s) until other processes use less than ``quiet_cores``
+    over a quarter of a second. Returns the seconds waited.
+    """
+    t0 = time.perf_counter()
+    while time.perf_counter() - t0 < max_wait:
+        meter = LoadMeter()
+        time.sleep(0.25)
+        if meter.read()["other_cores"] < quiet_cores:
+            break
+    return time.perf_counter() - t0
 
 
 def timed(fn: Callable[[], Any]) -> tuple[float, Any]:
@@ -269,6 +288,8 @@ def fmt_value(value: float | None, unit: str) -> str:
         return "-"
     if unit == "%":
         return f"{value:+.2f}"
+    if unit in ("events", "reps"):
+        return f"{value:,.0f}"
     spec = (
         ",.0f"
         if unit.endswith("/s")

@@ -34,6 +34,9 @@ class BenchServer:
         self.proc: subprocess.Popen[bytes] | None = None
         self.log = workdir / "server.log"
         self.startup_seconds = float("nan")
+        #: CPU seconds the server's workers had used when it was stopped (the leader is
+        #: our child and reaped, so its CPU is accounted already; its children are not)
+        self.cpu_at_stop = 0.0
 
     @property
     def url(self) -> str:
@@ -92,7 +95,7 @@ class BenchServer:
         finally:
             conn.close()
 
-    def cpu_seconds(self) -> float:
+    def cpu_seconds(self, *, descendants_only: bool = False) -> float:
         """CPU used so far by the server and its children (user + system)."""
         if self.proc is None:
             return float("nan")
@@ -101,16 +104,20 @@ class BenchServer:
         total = 0.0
         with contextlib.suppress(Exception):
             root = psutil.Process(self.proc.pid)
-            for p in [root, *root.children(recursive=True)]:
+            procs = root.children(recursive=True)
+            if not descendants_only:
+                procs.append(root)
+            for p in procs:
                 with contextlib.suppress(Exception):
                     t = p.cpu_times()
                     total += t.user + t.system
         return total
 
     def stop(self) -> None:
-        proc, self.proc = self.proc, None
-        if proc is None:
+        if self.proc is None:
             return
+        self.cpu_at_stop = self.cpu_seconds(descendants_only=True)
+        proc, self.proc = self.proc, None
         with contextlib.suppress(ProcessLookupError, PermissionError):
             os.killpg(proc.pid, signal.SIGKILL)
         with contextlib.suppress(subprocess.TimeoutExpired):

@@ -21,7 +21,7 @@ from typing import Any
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from _common import LoadMeter, Section, machine_info, progress, quiet_logs, table
+from _common import LoadMeter, Section, machine_info, progress, quiet_logs, settle, table
 
 SECTIONS = ("emit", "throughput", "overhead")
 DEFAULT_JSON = Path(__file__).resolve().parent / "results" / "latest.json"
@@ -66,6 +66,9 @@ def main(argv: list[str] | None = None) -> int:
     sections: list[Section] = []
     for name in args.only or SECTIONS:
         progress(f"section {name} ({'quick' if args.quick else 'full'})")
+        waited = settle(5.0 if args.quick else 20.0)
+        if waited > 0.5:
+            progress(f"waited {waited:.0f} s for other processes to leave a core free")
         t0 = time.perf_counter()
         load = LoadMeter()
         try:
@@ -75,7 +78,8 @@ def main(argv: list[str] | None = None) -> int:
             sec = Section(name)
             sec.error("section", exc)
         sec.seconds = time.perf_counter() - t0
-        sec.raw["machine_load"] = used = load.read()
+        sec.raw["machine_load"] = used = load.read(sec.raw.get("unreaped_cpu_s", 0.0))
+        used["settle_wait_s"] = waited
         sec.add(
             "other processes' CPU during section",
             used["other_cores"],
@@ -91,30 +95,34 @@ def main(argv: list[str] | None = None) -> int:
     figures = [f for s in sections for f in s.figures]
     total = time.perf_counter() - started
     verdicts = [f.passed for f in figures if f.passed is not None]
-    result = {
+    summary = {
+        "passed": sum(1 for v in verdicts if v),
+        "failed": sum(1 for v in verdicts if not v),
+        "seconds": round(total, 1),
+    }
+    mode = "quick" if args.quick else "full"
+    result: dict[str, Any] = {
         "machine": info,
-        "mode": "quick" if args.quick else "full",
+        "mode": mode,
         "sections": {s.name: s.to_json() for s in sections},
-        "summary": {
-            "passed": sum(1 for v in verdicts if v),
-            "failed": sum(1 for v in verdicts if not v),
-            "seconds": round(total, 1),
-        },
+        "summary": summary,
     }
     args.json.parent.mkdir(parents=True, exist_ok=True)
     args.json.write_text(json.dumps(_clean(result), indent=1) + "\n")
 
     print()
     print(
-        f"allele-observability benchmarks ({result['mode']}), {info['date']}, "
+        f"allele-observability benchmarks ({mode}), {info['date']}, "
         f"{info['cpu_count']} CPUs {info['cpu_model']}, Python {info['python']}, "
         f"MLflow {info['mlflow']}"
     )
     print()
     print(table(figures))
     print()
-    s = result["summary"]
-    print(f"{s['passed']} passed, {s['failed']} failed in {total:.0f} s; JSON: {args.json}")
+    print(
+        f"{summary['passed']} passed, {summary['failed']} failed in {total:.0f} s; "
+        f"JSON: {args.json}"
+    )
     sys.stdout.flush()
     return 0
 

@@ -8,6 +8,7 @@ run's configuration lands before its bulk data.
 
 from __future__ import annotations
 
+import functools
 import json
 from typing import TYPE_CHECKING
 
@@ -31,6 +32,7 @@ _KV_OVERHEAD = 30
 _ENVELOPE = 2_000
 
 
+@functools.lru_cache(maxsize=8192)  # metric keys repeat: computed once per key
 def _json_len(text: str) -> int:
     """Characters ``text`` takes as a JSON string with ``ensure_ascii`` (the worst case)."""
     if text.isascii() and text.isprintable() and '"' not in text and "\\" not in text:
