@@ -172,6 +172,7 @@ class Bus:
         if len(lane) < self._data_cap:
             lane.append((run.key, entry[0], value, ts, step))
             if self._exporter_sleeping and len(lane) >= self._batch:
+                self._exporter_sleeping = False  # one wake-up per sleep, not one per event
                 self._wake()
         else:
             self._overflow(run, (run.key, entry[0], value, ts, step))
@@ -290,6 +291,7 @@ class Bus:
         if len(self._ctrl) < self._ctrl_cap:
             self._ctrl.append(event)
             if self._exporter_sleeping:
+                self._exporter_sleeping = False
                 self._wake()
         else:
             self._dropped[kind].inc()
