@@ -36,8 +36,9 @@ from _common import (
     sqlite_uri,
     temp_dir,
 )
+from _server import free_port
 
-VARIANTS = ("untracked", "tracked", "disabled")
+VARIANTS = ("untracked", "tracked", "disabled", "server-down")
 #: a repetition is "quiet" when other processes used less than this during all its runs:
 #: they left a whole core for the GA plus a quarter of one for the delivery worker
 QUIET_CORES = max(0.25, (os.cpu_count() or 2) - 1.25)
@@ -69,7 +70,7 @@ def _callback(obs: Any) -> Any:
 
 
 def _one(
-    problem: Any, cfg: Any, variant: str, obs: Any, off: Any, name: str
+    problem: Any, cfg: Any, variant: str, obs: Any, off: Any, down: Any, name: str
 ) -> tuple[float, float, float]:
     """Wall seconds, this process's CPU (all threads) and the main thread's CPU of a run."""
     from allele.observability.demo._ga import GeneticAlgorithm
@@ -81,7 +82,7 @@ def _one(
         ga.run()
         t1, c1, m1 = time.perf_counter(), time.process_time(), time.thread_time()
         return t1 - t0, c1 - c0, m1 - m0
-    target = obs if variant == "tracked" else off
+    target = {"tracked": obs, "disabled": off, "server-down": down}[variant]
     cb = _callback(target)
     m0, c0, t0 = time.thread_time(), time.process_time(), time.perf_counter()
     with target.run(name, experiment="bench-overhead", params={"seed": cfg.seed}):
@@ -100,6 +101,8 @@ def _slowdowns(
         sec.add(
             f"{pname} {variant} slowdown{label}", slow, "%", "< 1", slow < 1 if verdict else None
         )
+    slow = (median(walls["server-down"]) / base - 1) * 100
+    sec.add(f"{pname} server-down slowdown{label}", slow, "%", "info: everything spooled")
     by_rep = {(r["rep"], r["variant"]): r["wall"] for r in rows}
     reps = sorted({r["rep"] for r in rows})
     paired = median([(by_rep[k, "tracked"] / by_rep[k, "untracked"] - 1) * 100 for k in reps])
@@ -131,7 +134,7 @@ def _emit_cost_us(obs: Any, calls: int) -> float:
 
 
 def _measure(
-    quick: bool, obs: Any, off: Any, gens: int, reps: int
+    quick: bool, obs: Any, off: Any, down: Any, gens: int, reps: int
 ) -> tuple[list[dict[str, Any]], list[float], float]:
     from allele.observability.demo._ga import GAConfig, GeneticAlgorithm
 
@@ -143,12 +146,12 @@ def _measure(
         for rep in range(reps):
             waited = settle(1.0 if quick else 3.0, QUIET_CORES)
             cfg = GAConfig(population_size=200, generations=gens, seed=SEED)
-            order = VARIANTS[rep % 3 :] + VARIANTS[: rep % 3]
+            order = VARIANTS[rep % 4 :] + VARIANTS[: rep % 4]
             for variant in order:
                 clock = CpuClock()
                 meter = LoadMeter()
                 name = f"{pname}-{variant}-{rep}"
-                wall, cpu, main_cpu = _one(problem, cfg, variant, obs, off, name)
+                wall, cpu, main_cpu = _one(problem, cfg, variant, obs, off, down, name)
                 others = meter.read()["other_cores"]
                 rows.append(
                     {
@@ -206,8 +209,18 @@ def run(quick: bool) -> Section:
         sec.raw["obs_warm_ok"] = obs.flush(180)
         sec.raw["obs_start_s"] = time.perf_counter() - t0
         off = Observability.from_env(enabled=False, spool_dir=str(d / "spool-off"))
+        # A tracking server that is down: nothing listens on the port (connection refused).
+        down = Observability.from_env(
+            tracking_uri=f"http://127.0.0.1:{free_port()}",
+            system_metrics_interval=0,
+            export_timeout=1,
+            spool_dir=str(d / "spool-down"),
+        )
+        down.start()
         delivered0 = obs.stats().metric.delivered
-        rows, flush_s, exporter_cpu_s = _measure(quick, obs, off, gens, reps)
+        rows, flush_s, exporter_cpu_s = _measure(quick, obs, off, down, gens, reps)
+        down_stats = down.stats()
+        down.close(timeout=5)
         stats = obs.stats()
         delivered = stats.metric.delivered - delivered0
         emit_us = _emit_cost_us(obs, 2000)
@@ -223,7 +236,15 @@ def run(quick: bool) -> Section:
             "emit_cpu_us_per_generation": emit_us,
             "stats": stats.metric._asdict(),
             "close": closing,
+            "server_down_stats": down_stats.metric._asdict(),
         }
+    )
+    sec.add(
+        "server down: metrics spooled",
+        down_stats.metric.spooled,
+        "events",
+        f"of {down_stats.metric.emitted} emitted; none dropped",
+        down_stats.metric.dropped == 0,
     )
     for err in {r["error"] for r in rows if "error" in r}:
         sec.error("flush", err)

@@ -23,7 +23,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 from _common import LoadMeter, Section, machine_info, progress, quiet_logs, settle, table
 
-SECTIONS = ("emit", "throughput", "overhead")
+SECTIONS = ("emit", "alerts", "throughput", "overhead")
 DEFAULT_JSON = Path(__file__).resolve().parent / "results" / "latest.json"
 
 
@@ -32,6 +32,10 @@ def _run_section(name: str, quick: bool) -> Section:
         import _emit
 
         return _emit.run(quick)
+    if name == "alerts":
+        import _alerts
+
+        return _alerts.run(quick)
     if name == "throughput":
         import _throughput
 

@@ -155,7 +155,7 @@ class Alerting:
 
     def _init_alerting(self) -> None:
         self._alert_lock = threading.Lock()
-        self._folds: dict[str, AlertRecord] = {}
+        self._folds: dict[tuple[str, str, str, str], AlertRecord] = {}
         self._host = socket.gethostname()
         self._tracer: Any = None
 
@@ -179,10 +179,13 @@ class Alerting:
             raise ValueError(f"alert name must be a non-empty str, got {name!r}")
         if severity not in SEVERITIES:
             raise ValueError(f"alert severity must be one of {SEVERITIES}, got {severity!r}")
-        attrs = dict(attributes or {})
-        if any(not isinstance(k, str) for k in attrs):
-            raise TypeError(f"alert {name!r}: attribute keys must be str, got {list(attrs)!r}")
-        attrs = json.loads(json.dumps(attrs, default=str))  # a stored, immutable copy
+        attrs: dict[str, Any] = {}
+        if attributes:
+            if any(not isinstance(k, str) for k in attributes):
+                keys = list(attributes)
+                raise TypeError(f"alert {name!r}: attribute keys must be str, got {keys!r}")
+            # a stored, immutable copy
+            attrs = json.loads(json.dumps(dict(attributes), default=str))
         run = CURRENT_RUN.get()
         return self._raise_alert(
             name, severity, str(message), attrs, run, run.step if run else None,
@@ -205,9 +208,8 @@ class Alerting:
             correlated = [(run, step if step is not None else run.step)]
         else:
             correlated = [(r, r.step) for r in self._open_runs()]
-        base = json.dumps([name, severity, attrs], sort_keys=True)
-        fingerprint = hashlib.sha1(base.encode(), usedforsecurity=False).hexdigest()[:16]
-        fold_key = f"{fingerprint}:{run.key if run else '-'}"
+        attrs_text = json.dumps(attrs, sort_keys=True) if attrs else "{}"
+        fold_key = (name, severity, attrs_text, run.key if run else "-")
         window_ns = int(self.settings.alert_dedupe_window * 1e9)
         with self._alert_lock:
             previous = self._folds.get(fold_key)
@@ -220,6 +222,8 @@ class Alerting:
                 previous.last_time = now // 1_000_000
                 self._alert_folded(previous)
                 return str(previous.alert_id)
+        base = f"{name}\0{severity}\0{attrs_text}"
+        fingerprint = hashlib.sha1(base.encode(), usedforsecurity=False).hexdigest()[:16]
         trace_id, span_id = _span_ids()
         record = AlertRecord(
             alert_id=f"a-{now:016x}-{random.getrandbits(32):08x}",
