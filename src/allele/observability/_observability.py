@@ -173,6 +173,7 @@ class Observability(Alerting, Bus):
         self._backend_factory = backend_factory or make_backend
         self._exporter: Exporter | None = None
         self._start_lock = threading.Lock()
+        self._auto_lock = threading.Lock()
         self._started = False
         self._closed = False
         self._auto: Run | None = None
@@ -526,15 +527,14 @@ class Observability(Alerting, Bus):
         if self._closed or not self.settings.enabled:
             return None
         if self.settings.auto_experiment_tracking:
-            with self._start_lock:
-                if self._auto is None or self._auto.status != "RUNNING":
-                    self._auto = None
-            if self._auto is None:
-                with self._start_lock:
+            auto = self._auto
+            if auto is None:
+                with self._auto_lock:  # one automatic run, whichever thread gets here first
                     if self._auto is None:
                         prog = program_name()
-                        self._auto = self._new_run_unlocked(prog)
-            return self._auto
+                        self._auto = self._new_run(prog, prog, {}, {}, None)
+                    auto = self._auto
+            return auto
         if kind is not None:
             self._emitted[kind].inc()
             self._dropped[kind].inc()
@@ -546,14 +546,6 @@ class Observability(Alerting, Bus):
                     "(ALLELE_MLFLOW_AUTO_EXPERIMENT_TRACKING=false); counted in stats()"
                 )
         return None
-
-    def _new_run_unlocked(self, name: str) -> Run:
-        # start() takes _start_lock; we hold it, so start the exporter first, unlocked.
-        self._start_lock.release()
-        try:
-            return self._new_run(name, name, {}, {}, None)
-        finally:
-            self._start_lock.acquire()
 
     # -- accounting ---------------------------------------------------------------------------
     def stats(self) -> Statistics:
@@ -674,6 +666,7 @@ def _after_fork(ref: weakref.ReferenceType[Observability]) -> None:
     obs._exporter_sleeping = False
     obs._wake = _nop
     obs._start_lock = threading.Lock()
+    obs._auto_lock = threading.Lock()
     obs._child = True
     obs._pid = os.getpid()
     settings = obs.settings.model_copy(update={"system_metrics_interval": 0.0})
