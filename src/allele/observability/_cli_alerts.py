@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import dataclasses
 import datetime as dt
-import functools
 import json
 import math
 import re
@@ -22,6 +21,7 @@ from typing import TYPE_CHECKING, Any, TypeVar
 
 import click
 
+from ._cli_common import handle_errors
 from .config import ConfigError
 from .queries import SEVERITIES, AlertNotFoundError, Queries
 
@@ -66,26 +66,9 @@ def _options(fn: _F) -> _F:
     )(fn)
 
 
-def _handle_errors(fn: _F) -> _F:
-    """Turn expected failures into one line on stderr and an exit code."""
-
-    @functools.wraps(fn)
-    def wrapper(*args: Any, **kwargs: Any) -> Any:
-        try:
-            return fn(*args, **kwargs)
-        except (ConfigError, ValueError, TypeError) as exc:
-            click.echo(f"allele-obs: {exc}", err=True)
-            raise SystemExit(2) from None
-        except AlertNotFoundError as exc:
-            click.echo(f"allele-obs: {exc.args[0]}", err=True)
-            raise SystemExit(1) from None
-        except Exception as exc:
-            if not type(exc).__module__.startswith("mlflow"):
-                raise
-            click.echo(f"allele-obs: MLflow failed: {exc}", err=True)
-            raise SystemExit(1) from None
-
-    return wrapper  # type: ignore[return-value]
+_handle_errors = handle_errors(
+    "allele-obs", (ConfigError, ValueError, TypeError), AlertNotFoundError
+)
 
 
 def _queries(tracking_uri: str | None) -> Queries:

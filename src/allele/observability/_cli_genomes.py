@@ -9,13 +9,13 @@ failed, 2 invalid configuration, alias or argument.
 
 from __future__ import annotations
 
-import functools
 import json
 import math
 from typing import TYPE_CHECKING, Any, TypeVar
 
 import click
 
+from ._cli_common import handle_errors
 from .config import ConfigError
 from .genomes import GenomeNotFoundError, GenomeRef, GenomeRegistry, GenomeVersion
 
@@ -53,26 +53,7 @@ def _open(tracking_uri: str | None, registry_uri: str | None) -> GenomeRegistry:
     return GenomeRegistry.from_env(**overrides)
 
 
-def _handle_errors(fn: _F) -> _F:
-    """Turn expected failures into one line on stderr and an exit code."""
-
-    @functools.wraps(fn)
-    def wrapper(*args: Any, **kwargs: Any) -> Any:
-        try:
-            return fn(*args, **kwargs)
-        except (ConfigError, ValueError) as exc:
-            click.echo(f"allele-obs genomes: {exc}", err=True)
-            raise SystemExit(2) from None
-        except GenomeNotFoundError as exc:
-            click.echo(f"allele-obs genomes: {exc}", err=True)
-            raise SystemExit(1) from None
-        except Exception as exc:
-            if not type(exc).__module__.startswith("mlflow"):
-                raise
-            click.echo(f"allele-obs genomes: MLflow failed: {exc}", err=True)
-            raise SystemExit(1) from None
-
-    return wrapper  # type: ignore[return-value]
+_handle_errors = handle_errors("allele-obs genomes", (ConfigError, ValueError), GenomeNotFoundError)
 
 
 def _num(x: float | None) -> str:
