@@ -45,7 +45,7 @@ from ._genomes import GenomeSink
 from ._spooling import Spooler
 
 if TYPE_CHECKING:
-    from collections.abc import Callable
+    from collections.abc import Awaitable, Callable
 
     from .._alerts import AlertRecord
     from .._runs import Run
@@ -457,35 +457,43 @@ class Exporter:
             b.alert_chunks.append(prepare_alerts(b.alerts, counts))
             b.alerts = []
         directory = self._settings.spool_dir
+
+        async def send_alerts(chunk: AlertChunk) -> None:
+            path = write_chunk(directory, run.key, "alerts", chunk.records)
+            await self._call(limiter, backend.log_artifact, run_id, path, ALERTS_DIR)
+            for bm, bp, bt in split_batches(chunk.metrics, [], chunk.tags):
+                await self._call(limiter, backend.log_batch, run_id, bm, bp, bt)
+            _unlink(path)
+
+        async def send_phases(phases: list[dict[str, Any]]) -> None:
+            path = write_chunk(directory, run.key, "phases", phases)
+            await self._call(limiter, backend.log_artifact, run_id, path, PHASES_DIR)
+            _unlink(path)
+
         while b.alert_chunks:
             chunk = b.alert_chunks[0]
-            try:
-                path = write_chunk(directory, run.key, "alerts", chunk.records)
-                await self._call(limiter, backend.log_artifact, run_id, path, ALERTS_DIR)
-                for bm, bp, bt in split_batches(chunk.metrics, [], chunk.tags):
-                    await self._call(limiter, backend.log_batch, run_id, bm, bp, bt)
-                _unlink(path)
-            except DeliveryError as err:
-                if err.retryable:
-                    raise
-                self._dead.write("alert", run, chunk.records, err)
-                self._count(run, "alert", "dead_lettered", chunk.primary)
-            else:
-                self._count(run, "alert", "delivered", chunk.primary)
+            await self._settle(run, "alert", chunk.primary, chunk.records, send_alerts(chunk))
             b.alert_chunks.pop(0)
         if b.phases:
-            try:
-                path = write_chunk(directory, run.key, "phases", b.phases)
-                await self._call(limiter, backend.log_artifact, run_id, path, PHASES_DIR)
-                _unlink(path)
-            except DeliveryError as err:
-                if err.retryable:
-                    raise
-                self._dead.write("phase", run, b.phases, err)
-                self._count(run, "phase", "dead_lettered", len(b.phases))
-            else:
-                self._count(run, "phase", "delivered", len(b.phases))
+            await self._settle(run, "phase", len(b.phases), b.phases, send_phases(b.phases))
             b.phases = []
+
+    async def _settle(
+        self, run: Run, kind: str, n: int, rows: list[Any], send: Awaitable[None]
+    ) -> None:
+        """
+        Deliver one item and count its ``n`` events: a rejection for good dead-letters
+        ``rows`` with the store's reason; a retryable failure propagates (to the spool).
+        """
+        try:
+            await send
+        except DeliveryError as err:
+            if err.retryable:
+                raise
+            self._dead.write(kind, run, rows, err)
+            self._count(run, kind, "dead_lettered", n)
+        else:
+            self._count(run, kind, "delivered", n)
 
     async def _deliver_all(self, limiter: anyio.CapacityLimiter) -> None:
         # Create every new run first, so run ids are known at once, not after the bulk
@@ -564,27 +572,14 @@ class Exporter:
             del b.tags[: len(bt)]
         await self._deliver_annotations(run, run_id, b, limiter)
         while b.genomes:
-            try:
-                await self._call(limiter, self.genome_sink, run_id, b.genomes[0])
-            except DeliveryError as err:
-                if err.retryable:
-                    raise
-                self._dead.write("genome", run, [b.genomes[0]], err)
-                self._count(run, "genome", "dead_lettered", 1)
-            else:
-                self._count(run, "genome", "delivered", 1)
+            genome = b.genomes[0]
+            send = self._call(limiter, self.genome_sink, run_id, genome)
+            await self._settle(run, "genome", 1, [genome], send)
             b.genomes.pop(0)
         while b.artifacts:
             local, apath = b.artifacts[0]
-            try:
-                await self._call(limiter, backend.log_artifact, run_id, local, apath)
-            except DeliveryError as err:
-                if err.retryable:
-                    raise
-                self._dead.write("artifact", run, [(local, apath)], err)
-                self._count(run, "artifact", "dead_lettered", 1)
-            else:
-                self._count(run, "artifact", "delivered", 1)
+            send = self._call(limiter, backend.log_artifact, run_id, local, apath)
+            await self._settle(run, "artifact", 1, [(local, apath)], send)
             b.artifacts.pop(0)
         if b.end is not None:
             status, end_time = b.end
@@ -808,14 +803,6 @@ class Exporter:
         self._succeeded()
         if self._spooler.own_pending and self.state != "recovering":
             self.state = "recovering"
-
-    def pending(self) -> dict[str, int]:
-        """Events drained but not yet resolved, per kind (call under ``lock``)."""
-        out = {}
-        for k in KINDS:
-            resolved = sum(self.outcomes[o][k] for o in self.outcomes)
-            out[k] = self.drained[k] - resolved
-        return out
 
     def _warn_sanitized(self) -> None:
         names = list(self._bus.sanitized.items())
