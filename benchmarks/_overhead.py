@@ -1,7 +1,7 @@
 """
 Section ``overhead`` (DESIGN promise 3): a real GA workload, tracked vs untracked.
 
-The project's GA (``allele.observability.demo._ga``) runs each problem three ways:
+The project's GA (``allele.observability.demo.ga``) runs each problem three ways:
 untracked (no callback at all), tracked (``obs.metrics`` of six per-generation summaries
 into a real exporter delivering to sqlite, default flush interval) and tracked with
 ``enabled=False``. Repetitions are interleaved and the order rotates every repetition
@@ -47,7 +47,7 @@ SEED = 7
 
 
 def _problems() -> list[tuple[str, Any]]:
-    from allele.observability.demo._ga import OneMax, Rastrigin
+    from allele.observability.demo.ga import OneMax, Rastrigin
 
     return [("onemax-256", OneMax(256)), ("rastrigin-20", Rastrigin(20))]
 
@@ -73,7 +73,7 @@ def _one(
     problem: Any, cfg: Any, variant: str, obs: Any, off: Any, down: Any, name: str
 ) -> tuple[float, float, float]:
     """Wall seconds, this process's CPU (all threads) and the main thread's CPU of a run."""
-    from allele.observability.demo._ga import GeneticAlgorithm
+    from allele.observability.demo.ga import GeneticAlgorithm
 
     ga = GeneticAlgorithm(problem, cfg)
     gc.collect()
@@ -136,7 +136,7 @@ def _emit_cost_us(obs: Any, calls: int) -> float:
 def _measure(
     quick: bool, obs: Any, off: Any, down: Any, gens: int, reps: int
 ) -> tuple[list[dict[str, Any]], list[float], float]:
-    from allele.observability.demo._ga import GAConfig, GeneticAlgorithm
+    from allele.observability.demo.ga import GAConfig, GeneticAlgorithm
 
     rows: list[dict[str, Any]] = []
     flush_s: list[float] = []

@@ -9,8 +9,8 @@ import pytest
 from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
-from allele.observability.exporter._batching import Batch, split_batches
-from allele.observability.sinks._base import MetricRow, ParamRow, TagRow
+from allele.observability.backends.base import MetricRow, ParamRow, TagRow
+from allele.observability.sinks.batching import Batch, split_batches
 
 RUN_ID = "0123456789abcdef0123456789abcdef"
 #: the widest numbers a metric row can carry

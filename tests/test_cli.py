@@ -15,7 +15,7 @@ import pytest
 from click.testing import CliRunner
 
 from allele.observability.cli import main, sqlite_path
-from allele.observability.demo._matrix import run_matrix
+from allele.observability.demo.matrix import run_matrix
 
 ALLELE_OBS = Path(sys.executable).parent / "allele-obs"
 GENERATIONS = 5

@@ -10,7 +10,7 @@ import click
 import pytest
 from click.testing import CliRunner, Result
 
-from allele.observability._cli_alerts import alerts, correlate
+from allele.observability.cli.alerts import alerts, correlate
 from test_queries import BASE, Scenario, build_scenario
 
 

@@ -1,4 +1,4 @@
-"""Tests of ``allele-obs genomes`` (`allele.observability._cli_genomes`)."""
+"""Tests of ``allele-obs genomes`` (`allele.observability.cli.genomes`)."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ from typing import Any
 import pytest
 from click.testing import CliRunner, Result
 
-from allele.observability._cli_genomes import genomes
+from allele.observability.cli.genomes import genomes
 from allele.observability.genomes import GenomeRegistry, GenomeVersion
 
 

@@ -13,8 +13,8 @@ import pytest
 from pydantic import SecretStr
 
 from allele.observability import ConfigError, Observability, SamplingRule, Settings
+from allele.observability.backends.base import Backend
 from allele.observability.config import load_settings
-from allele.observability.sinks._base import Backend
 from allele.observability.testing import InMemoryBackend
 
 DOCS = Path(__file__).resolve().parents[1] / "docs" / "configuration.md"

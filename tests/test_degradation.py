@@ -290,7 +290,7 @@ def test_rejected_param_does_not_sink_the_metrics_in_its_batch(
 
 
 def _child_work(i: int) -> int:
-    from allele.observability import _observability
+    from allele.observability._core import observability as _observability
 
     obs = _OBS[0]
     obs.metric("child", float(i), step=i)

@@ -1,4 +1,4 @@
-"""Tests of the metric-stream detectors (`allele.observability.sources._detectors`)."""
+"""Tests of the metric-stream detectors (`allele.observability.sources.detectors`)."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import statistics
 
 import pytest
 
-from allele.observability.sources._detectors import (
+from allele.observability.sources.detectors import (
     Detector,
     Finding,
     NonFinite,

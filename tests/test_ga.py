@@ -1,4 +1,4 @@
-"""Tests of the demo genetic algorithm (`allele.observability.demo._ga`)."""
+"""Tests of the demo genetic algorithm (`allele.observability.demo.ga`)."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ from typing import Any
 
 import pytest
 
-from allele.observability.demo._ga import (
+from allele.observability.demo.ga import (
     GAConfig,
     GenerationStats,
     GeneticAlgorithm,

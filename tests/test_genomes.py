@@ -20,8 +20,6 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from allele.observability._genome_identity import MISSING, DiffEntry, diff_genomes
-from allele.observability._genome_stats import betainc, student_t_cdf
 from allele.observability.genomes import (
     GenomeNotFoundError,
     GenomeRef,
@@ -33,6 +31,8 @@ from allele.observability.genomes import (
     validate_alias,
     welch_t_test,
 )
+from allele.observability.genomes.identity import MISSING, DiffEntry, diff_genomes
+from allele.observability.genomes.stats import betainc, student_t_cdf
 from servers import MlflowServer
 
 # -- identity ----------------------------------------------------------------------------------
@@ -741,7 +741,7 @@ def test_docs_examples_run(
 
 
 def test_public_names_resolve() -> None:
-    """Every name in allele.observability.genomes.__all__ exists, each once."""
+    """Every name in allele.observability.genomes.registry.__all__ exists, each once."""
     from allele.observability import genomes
 
     assert len(set(genomes.__all__)) == len(genomes.__all__)

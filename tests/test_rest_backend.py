@@ -19,9 +19,9 @@ from typing import TYPE_CHECKING, Any, NamedTuple, Protocol
 import pytest
 from mlflow import MlflowClient
 
-from allele.observability.sinks import _rest
-from allele.observability.sinks._base import DeliveryError
-from allele.observability.sinks._rest import RestBackend
+from allele.observability.backends import rest as _rest
+from allele.observability.backends.base import DeliveryError
+from allele.observability.backends.rest import RestBackend
 from servers import MlflowServer, free_port
 
 if TYPE_CHECKING:

@@ -1,4 +1,4 @@
-"""Tests of the disk spool (`allele.observability.sinks._spool`) on real files."""
+"""Tests of the disk spool (`allele.observability.spool.segments`) on real files."""
 
 from __future__ import annotations
 
@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from allele.observability.sinks._spool import MAX_RECORD_BYTES, Claim, Spool, prune
+from allele.observability.spool.segments import MAX_RECORD_BYTES, Claim, Spool, prune
 
 DAY = 86400.0
 
@@ -31,7 +31,7 @@ sys.stdin.read()
 APPEND_THEN_WAIT = """
 import sys
 from pathlib import Path
-from allele.observability.sinks._spool import Spool
+from allele.observability.spool.segments import Spool
 spool = Spool(Path(sys.argv[1]), segment_bytes=4096)
 for i in range(int(sys.argv[2])):
     assert spool.append({"i": i, "values": [i * 0.5, float("nan"), "x" * 20]})

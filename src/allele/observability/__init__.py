@@ -7,20 +7,20 @@ exporter batches them into MLflow runs. See ``docs/`` for the guide.
 
 from __future__ import annotations
 
-from ._observability import Observability as Observability
-from ._runs import Run as Run
-from ._stats import KindStatistics as KindStatistics
-from ._stats import Statistics as Statistics
+from ._core.accounting import KindStatistics as KindStatistics
+from ._core.accounting import Statistics as Statistics
+from ._core.observability import Observability as Observability
+from ._core.runs import Run as Run
+from .alerts.queries import Alert as Alert
+from .alerts.queries import AlertContext as AlertContext
+from .alerts.queries import Queries as Queries
+from .alerts.queries import RunRef as RunRef
+from .backends.base import DeliveryError as DeliveryError
 from .config import ConfigError as ConfigError
 from .config import SamplingRule as SamplingRule
 from .config import Settings as Settings
 from .genomes import GenomeRegistry as GenomeRegistry
 from .genomes import GenomeVersion as GenomeVersion
-from .queries import Alert as Alert
-from .queries import AlertContext as AlertContext
-from .queries import Queries as Queries
-from .queries import RunRef as RunRef
-from .sinks._base import DeliveryError as DeliveryError
 
 __all__ = (
     "Alert",

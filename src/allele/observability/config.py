@@ -196,7 +196,7 @@ class Settings(BaseSettings):
     @classmethod
     def _check_detectors(cls, value: str) -> str:
         if value.strip():
-            from .sources._detectors import parse_detectors
+            from .sources.detectors import parse_detectors
 
             parse_detectors(value)  # raises ValueError naming the bad entry
         return value

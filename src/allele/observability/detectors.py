@@ -8,7 +8,7 @@ environment with ``ALLELE_MLFLOW_DETECTORS='[{"type": "stagnation", "metric":
 
 from __future__ import annotations
 
-from .sources._detectors import (
+from .sources.detectors import (
     Detector,
     Finding,
     NonFinite,

@@ -23,7 +23,7 @@ import threading
 import uuid
 from typing import TYPE_CHECKING, Any
 
-from .sinks._base import DeliveryError, MetricRow, ParamRow, TagRow
+from .backends.base import DeliveryError, MetricRow, ParamRow, TagRow
 
 if TYPE_CHECKING:
     from collections.abc import Callable, Sequence

@@ -1,1 +1,1 @@
-"""The exporter: the background loop that drains the bus and delivers batches."""
+"""The exporter: the loop that drains the bus and delivers to MLflow, or to the spool."""

@@ -1,1 +1,1 @@
-"""Destinations: how batches reach an MLflow tracking store."""
+"""Destinations beside the run batch: request batching, dead letters, the genome registry."""

@@ -31,16 +31,16 @@ import threading
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, NamedTuple
 
-from ..sinks._base import DeliveryError
-from ._annotations import ALERTS_DIR, PHASES_DIR, write_chunk
-from ._batching import split_batches
+from ..alerts.store import ALERTS_DIR, PHASES_DIR, write_chunk
+from ..backends.base import DeliveryError
+from ..sinks.batching import split_batches
 
 if TYPE_CHECKING:
     from collections.abc import Callable
 
-    from ..sinks._base import Backend
-    from ..sinks._spool import Spool
-    from ._deadletter import DeadLetters
+    from ..backends.base import Backend
+    from ..sinks.deadletter import DeadLetters
+    from .segments import Spool
 
 __all__ = ("ReplayReport", "Replayer", "RunMap", "record_counts")
 

@@ -20,13 +20,13 @@ from collections.abc import Callable, Mapping
 from datetime import datetime
 from typing import TYPE_CHECKING, Any
 
-from ._context import CURRENT_RUN
-from ._names import MAX_PARAM_VALUE_LENGTH, MAX_TAG_VALUE_LENGTH, sanitize_key
-from ._runs import Run, SeriesState
-from ._stats import KINDS, AtomicCounter
+from .accounting import KINDS, AtomicCounter
+from .context import CURRENT_RUN
+from .names import MAX_PARAM_VALUE_LENGTH, MAX_TAG_VALUE_LENGTH, sanitize_key
+from .runs import Run, SeriesState
 
 if TYPE_CHECKING:
-    from .config import SamplingRule, Settings
+    from ..config import SamplingRule, Settings
 
 __all__ = ("Bus",)
 
@@ -264,7 +264,7 @@ class Bus:
             TypeError: the genome has no canonical form (the message gives the path).
             ValueError: an empty name, a bad parent id, fitness or generation.
         """
-        from ._genome_types import prepare_genome
+        from ..genomes.types import prepare_genome
 
         run = CURRENT_RUN.get() or self._fallback_run("genome")
         if generation is None and run is not None:

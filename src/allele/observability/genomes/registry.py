@@ -29,21 +29,9 @@ import tempfile
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from ._genome_identity import (
-    MISSING,
-    CanonicalGenome,
-    DiffEntry,
-    canonical_json,
-    canonicalize,
-    genome_id,
-)
-from ._genome_reader import GenomeReader
-from ._genome_stats import welch_t_test
-from ._genome_types import (
+from .reader import GenomeReader
+from .types import (
     ComponentVersion,
-    GenomeComparison,
-    GenomeNotFoundError,
-    GenomeRef,
     GenomeVersion,
     content_sha256,
     error_code,
@@ -59,22 +47,9 @@ if TYPE_CHECKING:
     import os
     from collections.abc import Iterable, Mapping, Sequence
 
-__all__ = (
-    "MISSING",
-    "CanonicalGenome",
-    "ComponentVersion",
-    "DiffEntry",
-    "GenomeComparison",
-    "GenomeNotFoundError",
-    "GenomeRef",
-    "GenomeRegistry",
-    "GenomeVersion",
-    "canonical_json",
-    "canonicalize",
-    "genome_id",
-    "validate_alias",
-    "welch_t_test",
-)
+    from .identity import CanonicalGenome
+
+__all__ = ("GenomeRegistry",)
 
 #: version tags the registry writes itself; user tags may not override them
 _RESERVED_TAGS = frozenset(
@@ -107,7 +82,7 @@ class GenomeRegistry(GenomeReader):
         ``direction`` and ``champion_alias`` are taken from ``overrides``; the other
         keywords override settings fields.
         """
-        from .config import load_settings
+        from ..config import load_settings
 
         direction = overrides.pop("direction", "maximize")
         alias = overrides.pop("champion_alias", "champion")

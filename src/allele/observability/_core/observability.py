@@ -21,22 +21,22 @@ from typing import TYPE_CHECKING, Any
 import anyio
 import anyio.abc
 
-from ._alerts import Alerting, AlertRecord, categorize
-from ._bus import Bus, _nop
-from ._context import CURRENT_RUN, program_name
-from ._runs import Run
-from ._stats import KINDS, KindStatistics, Statistics
-from .config import Settings, load_settings
-from .exporter._exporter import Exporter
+from ..alerts.emit import Alerting, AlertRecord, categorize
+from ..config import Settings, load_settings
+from ..exporter.loop import Exporter
+from .accounting import KINDS, KindStatistics, Statistics
+from .bus import Bus, _nop
+from .context import CURRENT_RUN, program_name
+from .runs import Run
 
 if TYPE_CHECKING:
     from collections.abc import Callable
     from types import TracebackType
 
-    from .genomes import GenomeRegistry
-    from .queries import Queries
-    from .sinks._base import Backend
-    from .sources._detectors import Detector
+    from ..alerts.queries import Queries
+    from ..backends.base import Backend
+    from ..genomes import GenomeRegistry
+    from ..sources.detectors import Detector
 
 __all__ = ("Observability", "make_backend")
 
@@ -67,7 +67,7 @@ def make_backend(settings: Settings) -> Backend:
     uri = settings.tracking_uri
     scheme = uri.split(":", 1)[0].lower() if "://" in uri else "file"
     if scheme in ("http", "https"):
-        from .sinks._rest import RestBackend
+        from ..backends.rest import RestBackend
 
         insecure = os.environ.get("MLFLOW_TRACKING_INSECURE_TLS", "").lower() == "true"
         return RestBackend(
@@ -78,10 +78,10 @@ def make_backend(settings: Settings) -> Backend:
             insecure_tls=insecure,
         )
     if settings.delivery_process and scheme.startswith(("sqlite", "postgresql", "mysql", "mssql")):
-        from .sinks._process import ProcessBackend
+        from ..backends.process import ProcessBackend
 
         return ProcessBackend(uri, timeout=settings.export_timeout)
-    from .sinks._client import ClientBackend
+    from ..backends.client import ClientBackend
 
     return ClientBackend(uri)
 
@@ -164,7 +164,7 @@ class Observability(Alerting, Bus):
         #: detectors run by the exporter over every metric it drains
         self._detectors: list[Any] = []
         if settings.detectors.strip():
-            from .sources._detectors import parse_detectors
+            from ..sources.detectors import parse_detectors
 
             self._detectors.extend(parse_detectors(settings.detectors))
         self._queries: Queries | None = None
@@ -373,8 +373,8 @@ class Observability(Alerting, Bus):
         An exception escaping the block ends the run FAILED (its traceback becomes the
         artifact ``error/traceback.txt``); KeyboardInterrupt ends it KILLED.
         """
-        from ._bus import _as_text
-        from ._names import MAX_PARAM_VALUE_LENGTH, MAX_TAG_VALUE_LENGTH, sanitize_key
+        from .bus import _as_text
+        from .names import MAX_PARAM_VALUE_LENGTH, MAX_TAG_VALUE_LENGTH, sanitize_key
 
         if not isinstance(name, str) or not name:
             raise ValueError(f"run name must be a non-empty str, got {name!r}")
@@ -480,7 +480,7 @@ class Observability(Alerting, Bus):
     def queries(self) -> Queries:
         """Alert and run queries on this instance's tracking store (they read MLflow only)."""
         if self._queries is None:
-            from .queries import Queries as _Queries
+            from ..alerts.queries import Queries as _Queries
 
             self._queries = _Queries(
                 self.settings.tracking_uri, experiment_prefix=self.settings.experiment_prefix
@@ -491,7 +491,7 @@ class Observability(Alerting, Bus):
     def genomes(self) -> GenomeRegistry:
         """Genome versions, champion, lineage and comparison on this instance's stores."""
         if self._genomes is None:
-            from .genomes import GenomeRegistry as _GenomeRegistry
+            from ..genomes import GenomeRegistry as _GenomeRegistry
 
             s = self.settings
             self._genomes = _GenomeRegistry(s.tracking_uri, s.model_registry_uri)
@@ -618,7 +618,7 @@ def _nop_alert(*_args: Any, **_kwargs: Any) -> str:
 
 def _genome_id_only(genome: Any, *_args: Any, **_kwargs: Any) -> str:
     """``obs.genome`` of a disabled bus: nothing recorded, but the id is still the id."""
-    from ._genome_identity import genome_id
+    from ..genomes.identity import genome_id
 
     return genome_id(genome)
 
@@ -654,7 +654,7 @@ def _after_fork(ref: weakref.ReferenceType[Observability]) -> None:
     _forget_half_imported_modules()
     from collections import deque
 
-    from ._stats import AtomicCounter
+    from .accounting import AtomicCounter
 
     obs._data = deque()
     obs._ctrl = deque()

@@ -28,13 +28,13 @@ from contextlib import contextmanager
 from contextvars import ContextVar
 from typing import TYPE_CHECKING, Any
 
-from ._context import CURRENT_RUN
+from .._core.context import CURRENT_RUN
 
 if TYPE_CHECKING:
     from collections.abc import Iterator, Mapping
 
-    from ._runs import Run
-    from .config import Settings
+    from .._core.runs import Run
+    from ..config import Settings
 
 __all__ = ("CURRENT_PHASES", "SEVERITIES", "AlertRecord", "Alerting", "categorize")
 

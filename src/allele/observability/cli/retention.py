@@ -14,7 +14,7 @@ from typing import Any
 
 import click
 
-from .config import ConfigError, load_settings
+from ..config import ConfigError, load_settings
 
 __all__ = ("find_expired", "retention")
 

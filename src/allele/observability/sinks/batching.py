@@ -12,7 +12,7 @@ import functools
 import json
 from typing import TYPE_CHECKING
 
-from ..sinks._base import MetricRow, ParamRow, TagRow
+from ..backends.base import MetricRow, ParamRow, TagRow
 
 if TYPE_CHECKING:
     from collections.abc import Iterator, Sequence

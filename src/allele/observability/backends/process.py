@@ -29,7 +29,7 @@ import threading
 import time
 from typing import IO, TYPE_CHECKING, Any
 
-from ._base import DeliveryError, MetricRow, ParamRow, TagRow
+from .base import DeliveryError, MetricRow, ParamRow, TagRow
 
 if TYPE_CHECKING:
     from collections.abc import Sequence
@@ -212,7 +212,7 @@ class ProcessBackend:
 
 def _serve(uri: str) -> None:
     """Worker main loop: answer requests until stdin closes."""
-    from ._client import ClientBackend, classify_exception
+    from .client import ClientBackend, classify_exception
 
     backend = ClientBackend(uri)
     stdin = sys.stdin.buffer

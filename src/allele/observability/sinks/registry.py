@@ -11,8 +11,8 @@ from __future__ import annotations
 import threading
 from typing import TYPE_CHECKING, Any
 
-from ..sinks._base import DeliveryError
-from ..sinks._client import classify_exception
+from ..backends.base import DeliveryError
+from ..backends.client import classify_exception
 
 if TYPE_CHECKING:
     from ..config import Settings
@@ -44,7 +44,7 @@ class GenomeSink:
 
     def __call__(self, run_id: str, payload: dict[str, Any]) -> None:
         """Register or log one genome into ``run_id``; raise DeliveryError on failure."""
-        from .._genome_identity import CanonicalGenome
+        from ..genomes.identity import CanonicalGenome
 
         s = self._settings
         genome = CanonicalGenome(payload["genome_id"], payload["text"])

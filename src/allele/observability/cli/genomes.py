@@ -15,14 +15,14 @@ from typing import TYPE_CHECKING, Any, TypeVar
 
 import click
 
-from ._cli_common import handle_errors
-from .config import ConfigError
-from .genomes import GenomeNotFoundError, GenomeRef, GenomeRegistry, GenomeVersion
+from ..config import ConfigError
+from ..genomes import GenomeNotFoundError, GenomeRef, GenomeRegistry, GenomeVersion
+from .common import handle_errors
 
 if TYPE_CHECKING:
     from collections.abc import Callable, Sequence
 
-    from .genomes import GenomeComparison
+    from ..genomes import GenomeComparison
 
 __all__ = ("genomes",)
 

@@ -35,8 +35,8 @@ from email.utils import parsedate_to_datetime
 from typing import TYPE_CHECKING, Any
 from urllib.parse import urlencode, urlsplit
 
-from ._base import DeliveryError, MetricRow, ParamRow, TagRow
-from ._client import ClientBackend
+from .base import DeliveryError, MetricRow, ParamRow, TagRow
+from .client import ClientBackend
 
 if TYPE_CHECKING:
     import socket

@@ -15,16 +15,16 @@ import uuid
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from ..sinks._spool import Spool, prune
-from ._annotations import prepare_alerts
-from ._batching import split_batches
-from ._replay import Replayer, ReplayReport, RunMap, record_counts
+from ..alerts.store import prepare_alerts
+from ..sinks.batching import split_batches
+from ..spool.replay import Replayer, ReplayReport, RunMap, record_counts
+from ..spool.segments import Spool, prune
 
 if TYPE_CHECKING:
-    from .._runs import Run
+    from .._core.runs import Run
+    from ..backends.base import Backend
     from ..config import Settings
-    from ..sinks._base import Backend
-    from ._exporter import Exporter, _Backlog
+    from .loop import Exporter, _Backlog
 
 __all__ = ("Spooler",)
 

@@ -12,7 +12,7 @@ import threading
 import uuid
 from typing import Any
 
-from ._stats import AtomicCounter
+from .accounting import AtomicCounter
 
 __all__ = ("Run", "SeriesState")
 

@@ -15,9 +15,9 @@ from collections import deque
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
-from ._genome_identity import diff_genomes
-from ._genome_stats import welch_t_test
-from ._genome_types import (
+from .identity import diff_genomes
+from .stats import welch_t_test
+from .types import (
     GenomeComparison,
     GenomeNotFoundError,
     GenomeRef,

@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
-    from ._runs import Run
+    from .runs import Run
 
 __all__ = ("CURRENT_PHASE", "CURRENT_RUN", "program_name")
 

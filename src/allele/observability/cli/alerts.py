@@ -21,14 +21,14 @@ from typing import TYPE_CHECKING, Any, TypeVar
 
 import click
 
-from ._cli_common import handle_errors
-from .config import ConfigError
-from .queries import SEVERITIES, AlertNotFoundError, Queries
+from ..alerts.queries import SEVERITIES, AlertNotFoundError, Queries
+from ..config import ConfigError
+from .common import handle_errors
 
 if TYPE_CHECKING:
     from collections.abc import Callable, Sequence
 
-    from .queries import Alert, AlertContext, Phase
+    from ..alerts.queries import Alert, AlertContext, Phase
 
 __all__ = ("alerts", "correlate")
 

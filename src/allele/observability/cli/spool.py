@@ -15,7 +15,7 @@ from typing import Any
 
 import click
 
-from .config import ConfigError, Settings, load_settings
+from ..config import ConfigError, Settings, load_settings
 
 __all__ = ("spool",)
 
@@ -47,8 +47,8 @@ def spool() -> None:
 @click.option("--json", "as_json", is_flag=True, help="Print JSON instead of a table.")
 def status(spool_dir: str | None, *, as_json: bool) -> None:
     """Show the segments waiting in the spool."""
-    from .exporter._deadletter import DeadLetters
-    from .sinks._spool import Spool
+    from ..sinks.deadletter import DeadLetters
+    from ..spool.segments import Spool
 
     settings = _settings(None, spool_dir)
     directory = Path(settings.spool_dir)
@@ -89,11 +89,11 @@ def status(spool_dir: str | None, *, as_json: bool) -> None:
 @_DIR
 def replay(tracking_uri: str | None, spool_dir: str | None) -> None:
     """Deliver every replayable segment to the tracking store, oldest first."""
-    from ._observability import make_backend
-    from .exporter._deadletter import DeadLetters
-    from .exporter._genomes import GenomeSink
-    from .exporter._replay import Replayer, RunMap
-    from .sinks._spool import Spool
+    from .._core.observability import make_backend
+    from ..sinks.deadletter import DeadLetters
+    from ..sinks.registry import GenomeSink
+    from ..spool.replay import Replayer, RunMap
+    from ..spool.segments import Spool
 
     settings = _settings(tracking_uri, spool_dir)
     directory = Path(settings.spool_dir)

@@ -22,14 +22,14 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from ._ga import GAConfig, GenerationStats, GeneticAlgorithm, OneMax, Problem, Rastrigin
+from .ga import GAConfig, GenerationStats, GeneticAlgorithm, OneMax, Problem, Rastrigin
 
 if TYPE_CHECKING:
     from collections.abc import Callable, Sequence
 
-    from .._observability import Observability
-    from .._runs import Run
-    from .._stats import Statistics
+    from .._core.accounting import Statistics
+    from .._core.observability import Observability
+    from .._core.runs import Run
 
 __all__ = (
     "DEFAULT_GENERATIONS",

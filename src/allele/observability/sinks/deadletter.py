@@ -23,8 +23,8 @@ from typing import TYPE_CHECKING, Any
 if TYPE_CHECKING:
     from collections.abc import Sequence
 
-    from .._runs import Run
-    from ..sinks._base import DeliveryError
+    from .._core.runs import Run
+    from ..backends.base import DeliveryError
 
 __all__ = ("DEAD_LETTER_FILE", "DeadLetters")
 

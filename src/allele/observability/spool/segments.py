@@ -62,7 +62,7 @@ import zlib
 from pathlib import Path
 from typing import TYPE_CHECKING, Literal, NamedTuple
 
-from ..exporter._deadletter import DEAD_LETTER_FILE
+from ..sinks.deadletter import DEAD_LETTER_FILE
 
 if TYPE_CHECKING:
     from collections.abc import Iterator

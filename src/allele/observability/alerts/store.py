@@ -22,11 +22,11 @@ import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from .._names import sanitize_key
+from .._core.names import sanitize_key
 
 if TYPE_CHECKING:
-    from .._alerts import AlertRecord
-    from .._runs import Run
+    from .._core.runs import Run
+    from .emit import AlertRecord
 
 __all__ = (
     "ALERTS_DIR",

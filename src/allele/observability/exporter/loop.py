@@ -27,9 +27,8 @@ from typing import TYPE_CHECKING, Any
 import anyio
 import anyio.to_thread
 
-from .._stats import KINDS
-from ..sinks._base import Backend, DeliveryError, MetricRow, ParamRow, TagRow
-from ._annotations import (
+from .._core.accounting import KINDS
+from ..alerts.store import (
     ALERTS_DIR,
     COPY,
     PHASES_DIR,
@@ -39,16 +38,17 @@ from ._annotations import (
     prepare_alerts,
     write_chunk,
 )
-from ._batching import split_batches
-from ._deadletter import DeadLetters
-from ._genomes import GenomeSink
-from ._spooling import Spooler
+from ..backends.base import Backend, DeliveryError, MetricRow, ParamRow, TagRow
+from ..sinks.batching import split_batches
+from ..sinks.deadletter import DeadLetters
+from ..sinks.registry import GenomeSink
+from .spooling import Spooler
 
 if TYPE_CHECKING:
     from collections.abc import Awaitable, Callable
 
-    from .._alerts import AlertRecord
-    from .._runs import Run
+    from .._core.runs import Run
+    from ..alerts.emit import AlertRecord
     from ..config import Settings
 
 __all__ = ("Exporter", "FlushTicket")
@@ -262,7 +262,7 @@ class Exporter:
             await anyio.to_thread.run_sync(self._spooler.start)
             async with anyio.create_task_group() as tg:
                 if self._settings.system_metrics_interval > 0:
-                    from ..sources._system import SystemSampler
+                    from ..sources.system import SystemSampler
 
                     self._system = SystemSampler()
                     tg.start_soon(self._system_loop)

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
-from ._base import DeliveryError, MetricRow, ParamRow, TagRow
+from .base import DeliveryError, MetricRow, ParamRow, TagRow
 
 if TYPE_CHECKING:
     from collections.abc import Sequence

@@ -15,7 +15,7 @@ import re
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from ._genome_identity import CanonicalGenome, DiffEntry, canonical_json, canonicalize
+from .identity import CanonicalGenome, DiffEntry, canonical_json, canonicalize
 
 if TYPE_CHECKING:
     from collections.abc import Callable, Iterable, Sequence

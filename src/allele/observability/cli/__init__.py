@@ -20,18 +20,18 @@ from typing import TYPE_CHECKING, Any
 
 import click
 
-from ._cli_alerts import alerts, correlate
-from ._cli_genomes import genomes
-from ._cli_retention import retention
-from ._cli_spool import spool
-from .config import ENV_PREFIX, ConfigError, Settings, load_settings
-from .demo._matrix import DEFAULT_GENERATIONS
+from ..config import ENV_PREFIX, ConfigError, Settings, load_settings
+from ..demo.matrix import DEFAULT_GENERATIONS
+from .alerts import alerts, correlate
+from .genomes import genomes
+from .retention import retention
+from .spool import spool
 
 if TYPE_CHECKING:
     from collections.abc import Callable
 
-    from ._stats import Statistics
-    from .demo._matrix import DemoResult
+    from .._core.accounting import Statistics
+    from ..demo.matrix import DemoResult
 
 __all__ = ("main",)
 
@@ -238,8 +238,8 @@ def demo(tracking_uri: str | None, generations: int, *, quiet: bool) -> None:
     (population size, mutation rate) cell: every GA knob as params, per-generation
     fitness and diversity as metrics, results as tags and a summary.json artifact.
     """
-    from ._observability import Observability
-    from .demo._matrix import run_demo
+    from .._core.observability import Observability
+    from ..demo.matrix import run_demo
 
     overrides = {"tracking_uri": tracking_uri} if tracking_uri else {}
     try:

@@ -1,0 +1,1 @@
+"""The bus, runs, context, names and accounting, and the Observability facade."""

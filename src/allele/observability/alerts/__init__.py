@@ -1,0 +1,1 @@
+"""Alerts: records, emission, storage format and queries (public facade: ``queries``)."""

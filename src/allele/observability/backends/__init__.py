@@ -1,0 +1,1 @@
+"""Transports to MLflow: REST, the client in a worker process or thread."""

@@ -1,0 +1,1 @@
+"""The disk spool: segments, versioned records, replay and retention."""
