@@ -328,9 +328,9 @@ def test_killed_delivery_worker_is_replaced_and_nothing_is_lost(
         for i in range(1000):
             obs.metric("x", float(i), step=i)
         assert obs.flush(60)
-        exporter = obs._exporter
+        exporter = obs._runtime.exporter
         assert exporter is not None
-        backend: Any = exporter._backend
+        backend: Any = exporter._delivery.backend
         assert backend._proc is not None
         os.kill(backend._proc.pid, signal.SIGKILL)
         for i in range(1000, 2000):

@@ -43,7 +43,7 @@ def test_overload_drops_are_counted_and_memory_stays_bounded() -> None:
             obs.metric("x", float(i), step=i)
             if i % 1000 == 0:
                 assert obs.stats().is_balanced()
-        lane_len = len(obs._data)
+        lane_len = obs._bus.lane_length()
         during = obs.stats()
         gate.opened.set()
         assert obs.flush(10)

@@ -192,15 +192,6 @@ class Settings(BaseSettings):
             return parse_sampling(value)
         raise ValueError(f"expected a JSON object or 'glob=every:N' string, got {value!r}")
 
-    @field_validator("detectors")
-    @classmethod
-    def _check_detectors(cls, value: str) -> str:
-        if value.strip():
-            from .sources.detectors import parse_detectors
-
-            parse_detectors(value)  # raises ValueError naming the bad entry
-        return value
-
     @field_validator("tracking_uri")
     @classmethod
     def _check_uri(cls, value: str) -> str:

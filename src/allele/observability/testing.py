@@ -98,10 +98,6 @@ class InMemoryBackend:
                     return run_id
         return None
 
-    def ping(self) -> None:
-        """Answer (or raise ``fail_with``)."""
-        self._enter("ping")
-
     def log_batch(
         self,
         run_id: str,

@@ -5,18 +5,28 @@ For every kind, at any moment::
 
     emitted = delivered + sampled_out + dropped + dead_lettered + spooled + pending
 
-Producers count with :class:`AtomicCounter` (``itertools.count`` advances atomically
-under the GIL, so no lock and no lost updates); the exporter keeps its own tallies under
-one lock that ``stats()`` shares, so a snapshot is consistent.
+One :class:`Accounting` object is shared by the bus and the exporter, and owned by
+neither: the facade makes it and hands it to both. Producers count with
+:class:`AtomicCounter` (``itertools.count`` advances atomically under the GIL, so no lock
+and no lost updates); the exporter counts outcomes under :attr:`Accounting.lock`, which
+``statistics()`` takes too, so a snapshot is consistent.
 """
 
 from __future__ import annotations
 
 import itertools
-from typing import NamedTuple
+import threading
+from typing import TYPE_CHECKING, NamedTuple
+
+if TYPE_CHECKING:
+    from collections.abc import Callable
+
+    from .runs import Run
 
 __all__ = (
     "KINDS",
+    "OUTCOMES",
+    "Accounting",
     "AtomicCounter",
     "KindStatistics",
     "Statistics",
@@ -24,6 +34,10 @@ __all__ = (
 
 #: every kind of event the bus carries
 KINDS = ("metric", "param", "tag", "run", "artifact", "alert", "phase", "genome", "system")
+#: what the exporter resolves an event to
+OUTCOMES = ("delivered", "dropped", "dead_lettered", "spooled")
+#: reasons the bus drops an event for, on the producer's side
+PRODUCER_DROP_REASONS = ("queue_full", "no_run", "closed")
 
 
 class AtomicCounter:
@@ -108,3 +122,162 @@ class Statistics(NamedTuple):
     def is_balanced(self) -> bool:
         """Whether the accounting identity holds for every kind."""
         return all(getattr(self, k).is_balanced() for k in KINDS)
+
+
+class Accounting:
+    """
+    The counters of one bus and its exporter.
+
+    Producer side (any thread, lock-free): :attr:`emitted` and :attr:`dropped` per kind,
+    :attr:`sampled_out`, :attr:`folded` alerts and :attr:`drop_reasons`. Metrics are not
+    counted on the hot path at all: an accepted metric is in the lane, drained, held by a
+    sampler, sampled out or dropped, so ``emitted`` is derived from those.
+
+    Exporter side (under :attr:`lock`): events drained per kind, their outcomes, failed
+    attempts by reason, drops by reason, and events replayed from other processes' spools.
+    """
+
+    def __init__(self) -> None:
+        self.lock = threading.Lock()
+        self.emitted = {k: AtomicCounter() for k in KINDS}
+        self.dropped = {k: AtomicCounter() for k in KINDS}
+        self.sampled_out = AtomicCounter()
+        #: alerts folded into an earlier identical record (kind alert, column sampled_out)
+        self.folded = AtomicCounter()
+        self.drop_reasons = {r: AtomicCounter() for r in PRODUCER_DROP_REASONS}
+        self.drained = dict.fromkeys(KINDS, 0)
+        self.outcomes = {o: dict.fromkeys(KINDS, 0) for o in OUTCOMES}
+        self.failures: dict[str, int] = {}
+        self.lost: dict[str, int] = {}
+        self.replayed = 0
+
+    # -- producer side ------------------------------------------------------------------
+    def drop(self, kind: str, reason: str) -> None:
+        """Count one event the bus could not accept (emitted and dropped at once)."""
+        self.emitted[kind].inc()
+        self.dropped[kind].inc()
+        self.drop_reasons[reason].inc()
+
+    # -- exporter side ------------------------------------------------------------------
+    def count(self, run: Run, kind: str, outcome: str, n: int) -> None:
+        """Resolve ``n`` events of ``kind`` of ``run`` to ``outcome``."""
+        if n:
+            with self.lock:
+                self.outcomes[outcome][kind] += n
+                _add(run.acct, outcome, n)
+
+    def move(self, run: Run, kind: str, src: str, dst: str, n: int) -> None:
+        """Move ``n`` events of ``kind`` from one outcome to another (spooled -> delivered)."""
+        if n:
+            with self.lock:
+                self.outcomes[src][kind] -= n
+                self.outcomes[dst][kind] += n
+                _add(run.acct, src, -n)
+                _add(run.acct, dst, n)
+
+    def drop_reason(self, reason: str, n: int) -> None:
+        """Say why ``n`` events resolved to ``dropped`` by the exporter were lost."""
+        if n:
+            with self.lock:
+                self.lost[reason] = self.lost.get(reason, 0) + n
+
+    def failure(self, reason: str) -> None:
+        """Count one failed export attempt."""
+        with self.lock:
+            self.failures[reason] = self.failures.get(reason, 0) + 1
+
+    def foreign_replayed(self, n: int) -> None:
+        """Count events of other processes' spools that this process delivered."""
+        with self.lock:
+            self.replayed += n
+
+    @staticmethod
+    def received(run: Run, n: int) -> None:
+        """Note ``n`` events of ``run`` taken up by the exporter (for the run's own tags)."""
+        _add(run.acct, "emitted", n)
+
+    @staticmethod
+    def run_tags(
+        run: Run, *, end_in_spool: bool = False, replaying: bool = False
+    ) -> list[tuple[str, str]]:
+        """
+        The run's own accounting, written when its end is delivered. The end itself is
+        pending (direct delivery), counted as spooled (``end_in_spool``), or being
+        replayed from the spool (``replaying``).
+        """
+        acct = run.acct
+        dropped = acct.get("dropped", 0) + run.dropped.value
+        sampled = run.sampled_out.value
+        emitted = acct.get("emitted", 0) + run.dropped.value + sampled
+        delivered = acct.get("delivered", 0)
+        dead = acct.get("dead_lettered", 0)
+        spooled = acct.get("spooled", 0)
+        if replaying:  # the end moves from the spool to delivered with these tags
+            spooled -= 1
+            delivered += 1
+        elif not end_in_spool:  # the end is delivered with these tags
+            delivered += 1
+        complete = dropped == 0 and dead == 0 and spooled == 0
+        return [
+            ("allele.telemetry.emitted", str(emitted)),
+            ("allele.telemetry.delivered", str(delivered)),
+            ("allele.telemetry.sampled_out", str(sampled)),
+            ("allele.telemetry.dropped", str(dropped)),
+            ("allele.telemetry.dead_lettered", str(dead)),
+            ("allele.telemetry.spooled", str(spooled)),
+            ("allele.telemetry.complete", "true" if complete else "false"),
+        ]
+
+    # -- the snapshot -------------------------------------------------------------------
+    def statistics(self, lane_length: Callable[[], int], held: int, state: str) -> Statistics:
+        """
+        A consistent snapshot. ``lane_length`` is read under the lock the exporter drains
+        under; ``held`` counts the points sampling holds back; ``state`` is the exporter's.
+        """
+        with self.lock:
+            drained = dict(self.drained)
+            outcomes = {o: dict(v) for o, v in self.outcomes.items()}
+            failures = dict(self.failures)
+            lost = dict(self.lost)
+            replayed = self.replayed
+            data_len = lane_length()
+        sampled = self.sampled_out.value
+        per_kind = {}
+        for k in KINDS:
+            delivered = outcomes["delivered"][k]
+            dead = outcomes["dead_lettered"][k]
+            spooled = outcomes["spooled"][k]
+            dropped_hot = self.dropped[k].value
+            dropped = dropped_hot + outcomes["dropped"][k]
+            resolved = delivered + dead + spooled + outcomes["dropped"][k]
+            if k == "metric":
+                # Every accepted metric is in the lane, drained, held by a sampler, sampled
+                # out or dropped (no_run, closed, full).
+                pending = drained[k] - resolved + data_len + held
+                emitted = drained[k] + data_len + held + sampled + dropped_hot
+                per_kind[k] = KindStatistics(
+                    emitted, delivered, sampled, dropped, dead, spooled, pending
+                )
+            elif k == "system":
+                per_kind[k] = KindStatistics(
+                    drained[k], delivered, 0, dropped, dead, spooled, drained[k] - resolved
+                )
+            else:
+                emitted = self.emitted[k].value
+                # Alerts folded into an earlier identical one count as sampled out; their
+                # number is in that record's `occurrences`.
+                folded = self.folded.value if k == "alert" else 0
+                pending = emitted - dropped_hot - resolved - folded
+                per_kind[k] = KindStatistics(
+                    emitted, delivered, folded, dropped, dead, spooled, pending
+                )
+        reasons = {r: c.value for r, c in self.drop_reasons.items() if c.value}
+        for r, n in lost.items():
+            reasons[r] = reasons.get(r, 0) + n
+        return Statistics(
+            **per_kind, state=state, drop_reasons=reasons, failures=failures, replayed=replayed
+        )
+
+
+def _add(acct: dict[str, int], key: str, n: int) -> None:
+    acct[key] = acct.get(key, 0) + n

@@ -4,7 +4,7 @@ Context that follows the code: the current run and phase, per thread and per asy
 Contextvars give each thread and each asyncio/anyio task its own current run, so four
 threads can each log into their own run without locks. Threads started inside a run do
 not inherit contextvars; the bus then falls back to the process's current top-level run
-(see ``Observability._fallback_run``).
+(see ``RunTracker.fallback``).
 """
 
 from __future__ import annotations
@@ -18,12 +18,12 @@ from typing import TYPE_CHECKING
 if TYPE_CHECKING:
     from .runs import Run
 
-__all__ = ("CURRENT_PHASE", "CURRENT_RUN", "program_name")
+__all__ = ("CURRENT_PHASES", "CURRENT_RUN", "program_name")
 
 #: the run events are stamped with
 CURRENT_RUN: ContextVar[Run | None] = ContextVar("allele_current_run", default=None)
-#: the innermost phase name, or None
-CURRENT_PHASE: ContextVar[str | None] = ContextVar("allele_current_phase", default=None)
+#: the phase path (outermost first) of the current context
+CURRENT_PHASES: ContextVar[tuple[str, ...]] = ContextVar("allele_phases", default=())
 
 
 def program_name() -> str:

@@ -18,8 +18,15 @@ from __future__ import annotations
 import hashlib
 import posixpath
 import re
+from typing import Any
 
-__all__ = ("MAX_KEY_LENGTH", "MAX_PARAM_VALUE_LENGTH", "MAX_TAG_VALUE_LENGTH", "sanitize_key")
+__all__ = (
+    "MAX_KEY_LENGTH",
+    "MAX_PARAM_VALUE_LENGTH",
+    "MAX_TAG_VALUE_LENGTH",
+    "as_text",
+    "sanitize_key",
+)
 
 MAX_KEY_LENGTH = 250
 MAX_PARAM_VALUE_LENGTH = 6000
@@ -61,3 +68,18 @@ def sanitize_key(name: object, field: str) -> str:
         digest = hashlib.sha1(name.encode(), usedforsecurity=False).hexdigest()[:8]
         key = key[: MAX_KEY_LENGTH - 9].rstrip("/") + "-" + digest
     return key
+
+
+def as_text(field: str, key: str, value: Any, limit: int) -> str:
+    """
+    A param or tag value as MLflow stores it (text), checked against MLflow's limit.
+
+    Raises:
+        ValueError: the text is longer than ``limit`` (names the field and the key).
+    """
+    text = value if isinstance(value, str) else str(value)
+    if len(text) > limit:
+        raise ValueError(
+            f"{field} {key!r}: value is {len(text)} characters; MLflow allows at most {limit}"
+        )
+    return text

@@ -1,140 +1,61 @@
 """
-``Observability``: the object users hold. The bus plus lifecycle, runs and phases.
+``Observability``: the object users hold. It composes the parts and exposes the API.
+
+- :class:`~.bus.Bus`: the emit path and the lanes (``metric``, ``param``, ``tag``, ...).
+- :class:`~..alerts.emit.Alerter` and :class:`~..alerts.phases.Phases`: ``alert``, ``phase``.
+- :class:`~.runs.RunRegistry`: the process's runs; :class:`~.accounting.Accounting`: counts.
+- :class:`~..exporter.loop.Exporter`: the background delivery, started on first use.
+
+The emit methods of the bus are bound onto the instance at construction (no extra call on
+the hot path); the methods of the class document them and are what type checkers see.
 """
 
 from __future__ import annotations
 
-import atexit
-import contextlib
-import getpass
 import logging
-import os
-import signal
-import socket
 import sys
-import threading
 import time
-import traceback
-import weakref
 from typing import TYPE_CHECKING, Any
 
-import anyio
-import anyio.abc
-
-from ..alerts.emit import Alerting, AlertRecord, categorize
+from ..alerts.emit import Alerter
+from ..alerts.phases import Phases
+from ..backends.factory import make_backend
 from ..config import Settings, load_settings
 from ..exporter.loop import Exporter
-from .accounting import KINDS, KindStatistics, Statistics
-from .bus import Bus, _nop
-from .context import CURRENT_RUN, program_name
-from .runs import Run
+from .accounting import Accounting
+from .bus import Bus
+from .emitters import closed_emitters, disabled_emitters
+from .lifecycle import (
+    CHILD_TERM_TIMEOUT,
+    flush_on_sigterm,
+    forget_half_imported_modules,
+    register_process_hooks,
+)
+from .runs import RunRegistry
+from .runtime import ExporterRuntime
+from .sampling import held_count
+from .tracking import RunTracker
 
 if TYPE_CHECKING:
-    from collections.abc import Callable
+    import contextlib
+    import os
+    from collections.abc import Callable, Mapping
     from types import TracebackType
 
-    from ..alerts.queries import Queries
     from ..backends.base import Backend
+    from ..exporter.source import MetricEvent
     from ..genomes import GenomeRegistry
+    from ..queries import Queries
     from ..sources.detectors import Detector
+    from .accounting import Statistics
+    from .runs import RunScope
 
-__all__ = ("Observability", "make_backend")
+__all__ = ("Observability",)
 
 logger = logging.getLogger("allele.observability")
 
-#: emit methods and the kind a call after close() is counted under
-_EMITTERS = {
-    "metric": "metric",
-    "metrics": "metric",
-    "param": "param",
-    "params": "param",
-    "tag": "tag",
-    "artifact": "artifact",
-    "alert": "alert",
-    "genome": "genome",
-    "step": None,
-}
 
-
-def make_backend(settings: Settings) -> Backend:
-    """
-    Choose how to reach the tracking store.
-
-    http(s) URIs: the REST API spoken directly (~4 us of CPU per metric). Database URIs
-    (sqlite, postgresql, mysql, mssql): ``MlflowClient`` in a worker process. Anything
-    else (file stores, databricks): ``MlflowClient`` in a worker thread.
-    """
-    uri = settings.tracking_uri
-    scheme = uri.split(":", 1)[0].lower() if "://" in uri else "file"
-    if scheme in ("http", "https"):
-        from ..backends.rest import RestBackend
-
-        insecure = os.environ.get("MLFLOW_TRACKING_INSECURE_TLS", "").lower() == "true"
-        return RestBackend(
-            uri,
-            timeout=settings.export_timeout,
-            token=settings.auth_token(),
-            basic_auth=settings.basic_auth(),
-            insecure_tls=insecure,
-        )
-    if settings.delivery_process and scheme.startswith(("sqlite", "postgresql", "mysql", "mssql")):
-        from ..backends.process import ProcessBackend
-
-        return ProcessBackend(uri, timeout=settings.export_timeout)
-    from ..backends.client import ClientBackend
-
-    return ClientBackend(uri)
-
-
-class _RunScope:
-    """The context manager returned by ``obs.run()``; yields the :class:`Run`."""
-
-    def __init__(self, obs: Observability, run: Run) -> None:
-        self._obs = obs
-        self.run = run
-        self._token: Any = None
-
-    def __enter__(self) -> Run:
-        obs, run = self._obs, self.run
-        self._token = CURRENT_RUN.set(run)
-        if run.parent is None:
-            obs._default_run = run
-        return run
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        obs, run = self._obs, self.run
-        status = "FINISHED"
-        if exc_type is not None and exc is not None:
-            status = "KILLED" if issubclass(exc_type, KeyboardInterrupt) else "FAILED"
-            obs._record_error(run, exc, tb, killed=status == "KILLED")
-        obs._end_run(run, status)
-        try:
-            CURRENT_RUN.reset(self._token)
-        except ValueError:  # exited in another context (generator, task): restore by hand
-            CURRENT_RUN.set(run.parent)
-        if obs._default_run is run:
-            # The latest top-level run still open (in any thread) becomes the default.
-            still_open = [r for r in obs._open_runs() if r.parent is None]
-            obs._default_run = still_open[-1] if still_open else None
-
-    async def __aenter__(self) -> Run:
-        return self.__enter__()
-
-    async def __aexit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.__exit__(exc_type, exc, tb)
-
-
-class Observability(Alerting, Bus):
+class Observability:
     """
     The in-process bus and its background exporter.
 
@@ -144,8 +65,12 @@ class Observability(Alerting, Bus):
     Args:
         settings: the settings; None reads ``ALLELE_MLFLOW_*`` from the environment.
         backend_factory: builds the delivery backend from the settings (default:
-            :func:`make_backend`); tests pass ``testing.InMemoryBackend``.
+            :func:`~allele.observability.backends.factory.make_backend`); tests pass
+            ``testing.InMemoryBackend``.
         **overrides: settings fields to override (``tracking_uri=...``).
+
+    Raises:
+        ConfigError: a setting is invalid (the message names the variable).
     """
 
     def __init__(
@@ -159,32 +84,51 @@ class Observability(Alerting, Bus):
             settings = load_settings(**overrides)
         elif overrides:
             settings = load_settings(**{**settings.model_dump(), **overrides})
-        self._init_bus(settings)
-        self._init_alerting()
+        self.settings = settings
         #: detectors run by the exporter over every metric it drains
-        self._detectors: list[Any] = []
-        if settings.detectors.strip():
-            from ..sources.detectors import parse_detectors
-
-            self._detectors.extend(parse_detectors(settings.detectors))
+        self._detectors: list[Any] = _detectors_from_setting(settings.detectors)
+        self._acct = Accounting()
+        self._runs = RunRegistry()
+        self._tracker = RunTracker(
+            settings,
+            self._runs,
+            self._acct,
+            start=self.start,
+            alert=self._alert,
+            closed=self._is_closed,
+        )
+        self._bus = Bus(settings, self._acct, self._runs, self._tracker.fallback)
+        self._tracker.attach(self._bus)
+        self._alerter = Alerter(
+            settings.alert_dedupe_window,
+            self._runs.open_runs,
+            self._tracker.fallback,
+            self._bus.control,
+            self._acct,
+        )
+        self._phases = Phases(
+            self._runs.running_default,
+            self._bus.control,
+            self._is_closed,
+            enabled=settings.enabled,
+        )
+        self._backend_factory = backend_factory or make_backend
+        self._runtime = ExporterRuntime(settings, self._make_exporter, self._bus.is_empty)
         self._queries: Queries | None = None
         self._genomes: GenomeRegistry | None = None
-        self.settings = settings
-        self._backend_factory = backend_factory or make_backend
-        self._exporter: Exporter | None = None
-        self._start_lock = threading.Lock()
-        self._auto_lock = threading.Lock()
-        self._started = False
-        self._closed = False
-        self._auto: Run | None = None
-        self._open: dict[str, Run] = {}
-        self._warned_no_run = False
-        self._task_group: anyio.abc.TaskGroup | None = None
-        self._child = False
-        self._closing = False
-        if not settings.enabled:
-            for name in _EMITTERS:
-                setattr(self, name, _DISABLED.get(name, _nop))
+        self._closed = self._child = False
+        if settings.enabled:
+            for name in ("metric", "metrics", "step", "param", "params", "tag", "artifact"):
+                setattr(self, name, getattr(self._bus, name))
+            self.genome = self._bus.genome  # type: ignore[method-assign]
+            self.alert = self._alerter.alert  # type: ignore[method-assign]
+        else:
+            for name, method in disabled_emitters().items():
+                setattr(self, name, method)
+
+    def _alert(self, *args: Any, **kwargs: Any) -> str:
+        """``self.alert`` as it is now (it is swapped when the instance closes)."""
+        return self.alert(*args, **kwargs)
 
     @classmethod
     def from_env(cls, **overrides: Any) -> Observability:
@@ -196,25 +140,127 @@ class Observability(Alerting, Bus):
         """
         return cls(**overrides)
 
+    # -- the emit API (bound to the bus at construction; see the module docs) -------------
+    def metric(
+        self, name: str, value: float, step: int | None = None, *, timestamp: Any = None
+    ) -> None:
+        """
+        Record one metric value. Never blocks (with overflow=drop), never does I/O.
+
+        Args:
+            name: metric key; invalid characters are sanitised (see ``docs/usage.md``).
+            value: a real number (int, float, bool, numpy scalar); NaN is kept.
+            step: the step (generation); None uses the run's current step.
+            timestamp: seconds since the epoch or a datetime; None means now.
+
+        Raises:
+            TypeError: ``value`` is not a real number or ``step`` not an int (names the
+                metric).
+        """
+        self._bus.metric(name, value, step, timestamp=timestamp)
+
+    def metrics(self, values: Mapping[str, float], step: int | None = None) -> None:
+        """Record several metrics at the same step and time."""
+        self._bus.metrics(values, step)
+
+    def step(self, step: int) -> None:
+        """Set the current step of the current run (stamped on alerts and step-less metrics)."""
+        self._bus.step(step)
+
+    def param(self, name: str, value: Any) -> None:
+        """
+        Record a run parameter (stored as text). Re-logging a name with another value
+        in the same run raises ValueError: MLflow params are immutable.
+        """
+        self._bus.param(name, value)
+
+    def params(self, values: Mapping[str, Any]) -> None:
+        """Record several parameters."""
+        self._bus.params(values)
+
+    def tag(self, key: str, value: Any) -> None:
+        """Set a run tag (tags overwrite)."""
+        self._bus.tag(key, value)
+
+    def artifact(self, path: str | os.PathLike[str], artifact_path: str | None = None) -> None:
+        """
+        Upload a file or directory into the current run's artifacts, in the background.
+
+        The file is read when the exporter uploads it: keep it in place until ``flush()``.
+
+        Raises:
+            FileNotFoundError: ``path`` does not exist.
+        """
+        self._bus.artifact(path, artifact_path)
+
+    def genome(
+        self,
+        genome: Any,
+        *,
+        name: str,
+        fitness: float | None = None,
+        generation: int | None = None,
+        parents: Any = (),
+        tags: Mapping[str, str] | None = None,
+        evaluations: Any = None,
+    ) -> str:
+        """
+        Record a genome; returns its id (a content hash: the same genome twice, in any
+        process, is one id). With the registry on it becomes a version of the registered
+        model ``name`` (see ``docs/genomes.md``); otherwise it is logged to the run.
+
+        Raises:
+            TypeError: the genome has no canonical form (the message gives the path).
+            ValueError: an empty name, a bad parent id, fitness or generation.
+        """
+        return self._bus.genome(
+            genome, name=name, fitness=fitness, generation=generation, parents=parents,
+            tags=tags, evaluations=evaluations,
+        )  # fmt: skip
+
+    def alert(
+        self,
+        name: str,
+        *,
+        severity: str = "info",
+        message: str = "",
+        attributes: Mapping[str, Any] | None = None,
+    ) -> str:
+        """
+        Raise an alert; returns its id (the id of the record it folded into, if any).
+        Stamped with run, phase, step, trace/span ids, host and pid; identical alerts
+        within ``ALERT_DEDUPE_WINDOW`` fold (criticals never); outside any run it hits
+        every active run.
+
+        Raises:
+            ValueError: ``name`` is empty or ``severity`` is not one of
+                info, warning, error, critical.
+            TypeError: ``attributes`` is not a mapping with str keys.
+        """
+        return self._alerter.alert(name, severity=severity, message=message, attributes=attributes)
+
+    def phase(self, name: str) -> contextlib.AbstractContextManager[Any]:
+        """
+        Mark a phase of the experiment: an OpenTelemetry span; phases nest. When it ends,
+        a phase record (path, trace and span ids, start and end time and step) is kept.
+        Yields the span.
+        """
+        return self._phases.phase(name)
+
+    def add_detector(self, detector: Detector) -> None:
+        """
+        Watch metric streams with ``detector`` (see :mod:`allele.observability.detectors`);
+        it runs in the exporter, off the hot path, and its findings are alerts of the run.
+        """
+        if not callable(getattr(detector, "observe", None)):
+            raise TypeError(f"detector must have an observe() method, got {detector!r}")
+        self._detectors.append(detector)
+
     # -- lifecycle --------------------------------------------------------------------------
     def start(self) -> Observability:
         """Start the exporter thread (idempotent; called by ``with obs`` and ``obs.run``)."""
-        if self._started or not self.settings.enabled or self._closed:
-            return self
-        with self._start_lock:
-            if self._started:
-                return self
-            factory, settings = self._backend_factory, self.settings
-            self._exporter = Exporter(self, settings, lambda: factory(settings))
-            self._exporter.start_thread()
-            self._started = True
-            ref = weakref.ref(self)
-            atexit.register(_atexit_close, ref)
-            if hasattr(os, "register_at_fork"):
-                os.register_at_fork(after_in_child=lambda: _after_fork(ref))
-            import multiprocessing.util as mp_util
-
-            mp_util.register_after_fork(self, _mp_after_fork)
+        if not self._closed and self.settings.enabled and self._runtime.start():
+            register_process_hooks(self, self._close_at_exit, self._after_fork)
         return self
 
     def flush(self, timeout: float | None = None) -> bool:
@@ -222,17 +268,7 @@ class Observability(Alerting, Bus):
         Deliver everything emitted so far; wait at most ``timeout`` seconds
         (None: ``SHUTDOWN_TIMEOUT``). Returns True when all of it was delivered.
         """
-        exp = self._exporter
-        if exp is None or not exp.alive:
-            return not self._data and not self._ctrl
-        if exp.loop_thread == threading.get_ident():
-            raise RuntimeError(
-                "flush() would block the event loop the exporter runs in; "
-                "use `await obs.aflush()` inside `async with obs`"
-            )
-        ticket = exp.request_flush()
-        wait = self.settings.shutdown_timeout if timeout is None else timeout
-        return ticket.done.wait(wait) and ticket.ok
+        return self._runtime.flush(timeout)
 
     def close(self, timeout: float | None = None) -> None:
         """
@@ -240,53 +276,27 @@ class Observability(Alerting, Bus):
         (None: ``SHUTDOWN_TIMEOUT``), and stop the exporter. Never hangs; idempotent.
         Events emitted afterwards are counted as dropped (reason ``closed``).
         """
-        if self._closed:
-            return
-        deadline = time.monotonic() + (
-            self.settings.shutdown_timeout if timeout is None else timeout
-        )
-        auto = self._auto
-        if auto is not None and auto.status == "RUNNING" and not self._child:
-            self._end_run(auto, "FINISHED")
-        self._closed = True
-        self._closing = True
-        for name, kind in _EMITTERS.items():
-            setattr(self, name, self._closed_emitter(kind))
-        exp = self._exporter
-        try:
-            if exp is not None and exp.alive and not exp.stop(deadline):
-                logger.warning(
-                    "allele-observability: exporter did not stop within the shutdown timeout"
-                )
-        finally:
-            self._closing = False
+        if not self._closed:
+            self._runtime.stop(self._begin_close(timeout))
 
-    async def aflush(self, timeout: float | None = None) -> bool:  # noqa: ASYNC109 - mirrors flush()
+    async def aflush(self, timeout: float | None = None) -> bool:
         """Async twin of :meth:`flush`: waits without blocking the event loop."""
-        exp = self._exporter
-        if exp is None or not exp.alive:
-            return not self._data and not self._ctrl
-        ticket = exp.request_flush()
-        wait = self.settings.shutdown_timeout if timeout is None else timeout
-        with anyio.move_on_after(wait):
-            while not ticket.done.is_set():  # noqa: ASYNC110 - set from the exporter's thread
-                await anyio.sleep(0.005)
-        return ticket.done.is_set() and ticket.ok
+        return await self._runtime.aflush(timeout)
+
+    async def aclose(self, timeout: float | None = None) -> None:
+        """Async twin of :meth:`close` for ``async with obs``; never hangs."""
+        if not self._runtime.in_event_loop:
+            self.close(timeout)
+        elif not self._closed:
+            await self._runtime.astop(self._begin_close(timeout))
 
     async def __aenter__(self) -> Observability:  # noqa: PYI034 - returns self
         """
         Run the exporter as a task in the caller's event loop (asyncio or trio via anyio)
         instead of a thread. Use :meth:`aflush` and ``async with`` exit to close.
         """
-        if self._started or not self.settings.enabled or self._closed:
-            return self
-        factory, settings = self._backend_factory, self.settings
-        self._exporter = exp = Exporter(self, settings, lambda: factory(settings))
-        self._task_group = anyio.create_task_group()
-        await self._task_group.__aenter__()
-        exp.mark_launched()
-        self._task_group.start_soon(exp.run_loop)
-        self._started = True
+        if not self._runtime.started and self.settings.enabled and not self._closed:
+            await self._runtime.astart()
         return self
 
     async def __aexit__(
@@ -297,61 +307,71 @@ class Observability(Alerting, Bus):
     ) -> None:
         await self.aclose()
 
-    async def aclose(self, timeout: float | None = None) -> None:  # noqa: ASYNC109 - mirrors close()
-        """Async twin of :meth:`close` for ``async with obs``; never hangs."""
-        tg = self._task_group
-        if tg is None:
-            self.close(timeout)
-            return
-        if self._closed:
-            return
-        deadline = time.monotonic() + (
-            self.settings.shutdown_timeout if timeout is None else timeout
-        )
-        auto = self._auto
-        if auto is not None and auto.status == "RUNNING":
-            self._end_run(auto, "FINISHED")
-        self._closed = True
-        for name, kind in _EMITTERS.items():
-            setattr(self, name, self._closed_emitter(kind))
-        exp = self._exporter
-        assert exp is not None
-        exp.begin_stop(deadline)
-        with anyio.move_on_after(max(0.0, deadline - time.monotonic()) + 0.5):
-            while exp.alive:  # noqa: ASYNC110 - a threading.Event underneath
-                await anyio.sleep(0.005)
-        if exp.alive:
-            logger.warning("allele-observability: exporter did not stop within the deadline")
-            tg.cancel_scope.cancel()
-        self._task_group = None
-        await tg.__aexit__(None, None, None)
-
     def __enter__(self) -> Observability:  # noqa: PYI034 - start() returns self
         return self.start()
 
     def __exit__(self, *exc: object) -> None:
         self.close()
 
-    def _closed_emitter(self, kind: str | None) -> Any:
-        if kind is None:
-            return _nop
-        emitted, dropped, reason = (
-            self._emitted[kind].inc,
-            self._dropped[kind].inc,
-            self._drop_reasons["closed"].inc,
+    def _begin_close(self, timeout: float | None) -> float:
+        """End the automatic run and swap in the closed emitters; return the deadline."""
+        deadline = time.monotonic() + (
+            self.settings.shutdown_timeout if timeout is None else timeout
+        )
+        auto = self._tracker.auto
+        if auto is not None and auto.status == "RUNNING" and not self._child:
+            self._tracker.end(auto, "FINISHED")
+        self._closed = True
+        for name, method in closed_emitters(self._acct).items():
+            setattr(self, name, method)
+        return deadline
+
+    def _make_exporter(self, settings: Settings) -> Exporter:
+        factory = self._backend_factory
+        return Exporter(
+            self._bus,
+            self._runs,
+            self._acct,
+            settings,
+            lambda: factory(settings),
+            observe=self._after_drain,
         )
 
-        def closed(*args: Any, **_kwargs: Any) -> Any:
-            emitted()
-            dropped()
-            reason()
-            if kind == "genome" and args:
-                return _genome_id_only(args[0])
-            return "" if kind == "alert" else None
+    def _is_closed(self) -> bool:
+        return self._closed
 
-        return closed
+    def _close_at_exit(self) -> None:
+        if not self._closed:
+            pending = self.stats().total.pending
+            if pending:
+                sys.stderr.write(
+                    f"allele-observability: delivering {pending} pending events "
+                    f"(at most {self.settings.shutdown_timeout:g} s)\n"
+                )
+            self.close()
 
-    # -- runs and phases --------------------------------------------------------------------
+    def _after_fork(self) -> None:
+        """In a forked child: fresh lanes, counters, locks and exporter; the same runs."""
+        if self._closed or not self._runtime.started:
+            return
+        forget_half_imported_modules()
+        self._acct = Accounting()
+        self._bus.reset(self._acct)
+        self._tracker.reset(self._acct)
+        self._alerter.reset(self._acct)
+        self._child = True
+        settings = self.settings.model_copy(update={"system_metrics_interval": 0.0})
+        self._runtime.restart_in_child(settings)
+        flush_on_sigterm(self._terminate)
+
+    def _terminate(self) -> bool:
+        """SIGTERM in a forked child: deliver or spool briefly; False if already closing."""
+        if self._runtime.closing:
+            return False
+        self.close(min(CHILD_TERM_TIMEOUT, self.settings.shutdown_timeout))
+        return True
+
+    # -- runs -------------------------------------------------------------------------------
     def run(
         self,
         name: str,
@@ -359,7 +379,7 @@ class Observability(Alerting, Bus):
         experiment: str | None = None,
         params: dict[str, Any] | None = None,
         tags: dict[str, Any] | None = None,
-    ) -> _RunScope:
+    ) -> RunScope:
         """
         Open a run for the ``with`` block; nested inside another run it becomes its child.
 
@@ -373,108 +393,24 @@ class Observability(Alerting, Bus):
         An exception escaping the block ends the run FAILED (its traceback becomes the
         artifact ``error/traceback.txt``); KeyboardInterrupt ends it KILLED.
         """
-        from .bus import _as_text
-        from .names import MAX_PARAM_VALUE_LENGTH, MAX_TAG_VALUE_LENGTH, sanitize_key
+        return self._tracker.open(name, experiment, params, tags)
 
-        if not isinstance(name, str) or not name:
-            raise ValueError(f"run name must be a non-empty str, got {name!r}")
-        parent = CURRENT_RUN.get()
-        exp = experiment or (parent.experiment if parent is not None else program_name())
-        clean_params = {}
-        for k, v in (params or {}).items():
-            key = sanitize_key(k, "param name")
-            clean_params[key] = _as_text("param", key, v, MAX_PARAM_VALUE_LENGTH)
-        clean_tags = {}
-        for k, v in (tags or {}).items():
-            key = sanitize_key(k, "tag key")
-            clean_tags[key] = _as_text("tag", key, v, MAX_TAG_VALUE_LENGTH)
-        run = self._new_run(name, exp, clean_params, clean_tags, parent)
-        return _RunScope(self, run)
+    # -- what the parts hand back --------------------------------------------------------
+    def _after_drain(self, items: list[MetricEvent]) -> None:
+        """Each export round, in the exporter: detectors, and names that were sanitised."""
+        if self._detectors and items:
+            self._alerter.detect(self._detectors, items, self._runs.get)
+        self._bus.report_sanitized()
 
-    def _new_run(
-        self,
-        name: str,
-        experiment: str,
-        params: dict[str, str],
-        tags: dict[str, str],
-        parent: Run | None,
-    ) -> Run:
-        run = Run(
-            name,
-            experiment,
-            params=params,
-            tags=tags,
-            parent=parent,
-            start_time=time.time_ns() // 1_000_000,
-            wait_timeout=self.settings.export_timeout,
-        )
-        if not self.settings.enabled:
-            return run
-        self._runs[run.key] = run
-        self.start()
-        self._open[run.key] = run
-        all_tags = {
-            "mlflow.source.name": program_name(),
-            "mlflow.user": _user(),
-            "allele.host": socket.gethostname(),
-            "allele.pid": str(os.getpid()),
-            **tags,
-        }
-        # The start event carries the run's params and tags: count them under their kinds.
-        for _ in params:
-            self._emitted["param"].inc()
-        for _ in all_tags:
-            self._emitted["tag"].inc()
-        self._control("run", ("run_start", run, all_tags, dict(params)))
-        return run
-
-    def _end_run(self, run: Run, status: str) -> None:
-        if run.status != "RUNNING":
-            return
-        self._release_held(run)
-        run.status = status
-        run.end_time = time.time_ns() // 1_000_000
-        self._open.pop(run.key, None)
-        if self.settings.enabled:
-            self._control("run", ("run_end", run, status, run.end_time))
-
-    def _record_error(
-        self, run: Run, exc: BaseException, tb: TracebackType | None, *, killed: bool
-    ) -> None:
-        """Tag the run with the error and keep the traceback as an artifact."""
-        if not self.settings.enabled:
-            return
-        kind = type(exc).__qualname__
-        category = categorize(exc)
-        self._control("tag", ("tag", run, "allele.error.type", kind))
-        self._control("tag", ("tag", run, "allele.error.category", category))
-        self._control("tag", ("tag", run, "allele.error.message", str(exc)[:1000]))
-        self.alert(
-            "run.killed" if killed else "run.failed",
-            severity="warning" if killed else "error",
-            message=f"{kind}: {exc}"[:2000],
-            attributes={"category": category, "exception_type": kind},
-        )
-        if killed:
-            return
-        text = "".join(traceback.format_exception(type(exc), exc, tb))
-        try:
-            directory = self.settings.spool_dir / "tracebacks" / run.key
-            directory.mkdir(parents=True, exist_ok=True)
-            path = directory / "traceback.txt"
-            path.write_text(text, encoding="utf-8")
-            self._control("artifact", ("artifact", run, str(path), "error"))
-        except OSError as err:
-            logger.warning("allele-observability: cannot keep the traceback: %s", err)
-
-    def add_detector(self, detector: Detector) -> None:
+    # -- reading back -----------------------------------------------------------------------
+    def stats(self) -> Statistics:
         """
-        Watch metric streams with ``detector`` (see :mod:`allele.observability.detectors`);
-        it runs in the exporter, off the hot path, and its findings are alerts of the run.
+        A consistent snapshot: per kind, emitted = delivered + sampled_out + dropped +
+        dead_lettered + spooled + pending.
         """
-        if not callable(getattr(detector, "observe", None)):
-            raise TypeError(f"detector must have an observe() method, got {detector!r}")
-        self._detectors.append(detector)
+        state = self._runtime.state() if self.settings.enabled else "disabled"
+        held = held_count(self._runs.open_runs())
+        return self._acct.statistics(self._bus.lane_length, held, state)
 
     @property
     def queries(self) -> Queries:
@@ -491,237 +427,21 @@ class Observability(Alerting, Bus):
     def genomes(self) -> GenomeRegistry:
         """Genome versions, champion, lineage and comparison on this instance's stores."""
         if self._genomes is None:
-            from ..genomes import GenomeRegistry as _GenomeRegistry
+            from ..genomes.registry import GenomeRegistry as _GenomeRegistry
 
             s = self.settings
             self._genomes = _GenomeRegistry(s.tracking_uri, s.model_registry_uri)
         return self._genomes
 
-    def _default_phase_run(self) -> Run | None:
-        run = self._default_run
-        return run if run is not None and run.status == "RUNNING" else None
 
-    def _emit_alert(self, record: AlertRecord) -> None:
-        if not record.correlated and record.run is None:
-            # Outside any run with no run active: the automatic run, if allowed.
-            fallback = self._fallback_run("alert")
-            if fallback is None:
-                return
-            record.correlated = [(fallback, fallback.step)]
-        self._control("alert", ("alert", record.run, record))
+def _detectors_from_setting(spec: str) -> list[Any]:
+    """The detectors of ``ALLELE_MLFLOW_DETECTORS``; an invalid spec is a ConfigError."""
+    if not spec.strip():
+        return []
+    from ..config import ConfigError
+    from ..sources.detectors import parse_detectors
 
-    def _alert_folded(self, record: AlertRecord) -> None:  # noqa: ARG002 - the exporter re-ships it
-        self._emitted["alert"].inc()
-        self._folded.inc()
-
-    def _emit_phase(self, run: Run, record: dict[str, Any]) -> None:
-        self._control("phase", ("phase", run, record))
-
-    def _open_runs(self) -> list[Run]:
-        return [r for r in list(self._open.values()) if r.status == "RUNNING"]
-
-    def _fallback_run(self, kind: str | None) -> Run | None:
-        run = self._default_run
-        if run is not None and run.status == "RUNNING":
-            return run
-        if self._closed or not self.settings.enabled:
-            return None
-        if self.settings.auto_experiment_tracking:
-            auto = self._auto
-            if auto is None:
-                with self._auto_lock:  # one automatic run, whichever thread gets here first
-                    if self._auto is None:
-                        prog = program_name()
-                        self._auto = self._new_run(prog, prog, {}, {}, None)
-                    auto = self._auto
-            return auto
-        if kind is not None:
-            self._emitted[kind].inc()
-            self._dropped[kind].inc()
-            self._drop_reasons["no_run"].inc()
-            if not self._warned_no_run:
-                self._warned_no_run = True
-                logger.warning(
-                    "allele-observability: events outside any run are dropped "
-                    "(ALLELE_MLFLOW_AUTO_EXPERIMENT_TRACKING=false); counted in stats()"
-                )
-        return None
-
-    # -- accounting ---------------------------------------------------------------------------
-    def stats(self) -> Statistics:
-        """
-        A consistent snapshot: per kind, emitted = delivered + sampled_out + dropped +
-        dead_lettered + spooled + pending.
-        """
-        exp = self._exporter
-        held_runs = list(self._open.values())
-        zero = dict.fromkeys(KINDS, 0)
-        if exp is not None:
-            with exp.lock:
-                drained = dict(exp.drained)
-                outcomes = {o: dict(v) for o, v in exp.outcomes.items()}
-                failures = dict(exp.failures)
-                drop_reasons_exp = dict(exp.drop_reasons)
-                replayed = exp._spooler.replayed_foreign
-                data_len = len(self._data)
-            state = exp.state if exp.alive else "closed"
-        else:
-            drained = dict(zero)
-            outcomes = {o: dict(zero) for o in ("delivered", "dropped", "dead_lettered", "spooled")}
-            failures, drop_reasons_exp = {}, {}
-            replayed = 0
-            data_len = len(self._data)
-            state = "disabled" if not self.settings.enabled else "idle"
-        held = self._held_count(held_runs)
-        sampled = self._sampled_out.value
-        per_kind = {}
-        for k in KINDS:
-            delivered = outcomes["delivered"][k]
-            dead = outcomes["dead_lettered"][k]
-            spooled = outcomes["spooled"][k]
-            dropped_hot = self._dropped[k].value
-            dropped = dropped_hot + outcomes["dropped"][k]
-            resolved = delivered + dead + spooled + outcomes["dropped"][k]
-            if k == "metric":
-                # Metrics are not counted on the hot path: every accepted one is in the lane,
-                # drained, held by a sampler, sampled out or dropped (no_run, closed, full).
-                pending = drained[k] - resolved + data_len + held
-                emitted = drained[k] + data_len + held + sampled + dropped_hot
-                per_kind[k] = KindStatistics(
-                    emitted, delivered, sampled, dropped, dead, spooled, pending
-                )
-            elif k == "system":
-                per_kind[k] = KindStatistics(
-                    drained[k], delivered, 0, dropped, dead, spooled, drained[k] - resolved
-                )
-            else:
-                emitted = self._emitted[k].value
-                # Alerts folded into an earlier identical one count as sampled out; their
-                # number is in that record's `occurrences`.
-                folded = self._folded.value if k == "alert" else 0
-                pending = emitted - dropped_hot - resolved - folded
-                per_kind[k] = KindStatistics(
-                    emitted, delivered, folded, dropped, dead, spooled, pending
-                )
-        reasons = {r: c.value for r, c in self._drop_reasons.items() if c.value}
-        for r, n in drop_reasons_exp.items():
-            reasons[r] = reasons.get(r, 0) + n
-        return Statistics(
-            **per_kind, state=state, drop_reasons=reasons, failures=failures, replayed=replayed
-        )
-
-
-def _nop_alert(*_args: Any, **_kwargs: Any) -> str:
-    """``obs.alert`` of a disabled bus: no record, an empty id."""
-    return ""
-
-
-def _genome_id_only(genome: Any, *_args: Any, **_kwargs: Any) -> str:
-    """``obs.genome`` of a disabled bus: nothing recorded, but the id is still the id."""
-    from ..genomes.identity import genome_id
-
-    return genome_id(genome)
-
-
-#: the emit methods of a disabled bus that return something
-_DISABLED: dict[str, Any] = {"alert": _nop_alert, "genome": _genome_id_only}
-
-
-def _user() -> str:
     try:
-        return getpass.getuser()
-    except (KeyError, OSError):
-        return "unknown"
-
-
-def _atexit_close(ref: weakref.ReferenceType[Observability]) -> None:
-    obs = ref()
-    if obs is not None and not obs._closed:
-        pending = obs.stats().total.pending
-        if pending:
-            sys.stderr.write(
-                f"allele-observability: delivering {pending} pending events "
-                f"(at most {obs.settings.shutdown_timeout:g} s)\n"
-            )
-        obs.close()
-
-
-def _after_fork(ref: weakref.ReferenceType[Observability]) -> None:
-    """In a forked child: fresh lanes and counters, a new exporter, same runs."""
-    obs = ref()
-    if obs is None or obs._closed or not obs._started:
-        return
-    _forget_half_imported_modules()
-    from collections import deque
-
-    from .accounting import AtomicCounter
-
-    obs._data = deque()
-    obs._ctrl = deque()
-    obs._emitted = {k: AtomicCounter() for k in KINDS}
-    obs._dropped = {k: AtomicCounter() for k in KINDS}
-    obs._sampled_out = AtomicCounter()
-    obs._folded = AtomicCounter()
-    obs._drop_reasons = {r: AtomicCounter() for r in obs._drop_reasons}
-    obs._exporter_sleeping = False
-    obs._wake = _nop
-    obs._start_lock = threading.Lock()
-    obs._auto_lock = threading.Lock()
-    obs._child = True
-    obs._pid = os.getpid()
-    settings = obs.settings.model_copy(update={"system_metrics_interval": 0.0})
-    factory = obs._backend_factory
-    obs._exporter = Exporter(obs, settings, lambda: factory(settings))
-    obs._exporter.start_thread()
-    _flush_on_sigterm(ref)
-
-
-def _mp_after_fork(obs: Observability) -> None:
-    """
-    In a multiprocessing child (after its finalizer registry was cleared): close at exit.
-    Workers leave through ``os._exit``, which skips atexit, but runs these finalizers.
-    """
-    import multiprocessing.util as mp_util
-
-    mp_util.Finalize(None, _atexit_close, args=(weakref.ref(obs),), exitpriority=100)
-
-
-def _forget_half_imported_modules() -> None:
-    """
-    A fork while another thread was importing (the exporter imports anyio's backend and
-    MLflow lazily) leaves that module half-initialised in the child, where no thread will
-    finish it. Drop such modules so the child's exporter imports them afresh.
-    """
-    for name, module in list(sys.modules.items()):
-        spec = getattr(module, "__spec__", None)
-        if spec is not None and getattr(spec, "_initializing", False):
-            del sys.modules[name]
-
-
-#: seconds a forked child may spend delivering when it is terminated (the rest is spooled)
-CHILD_TERM_TIMEOUT = 2.0
-
-
-def _flush_on_sigterm(ref: weakref.ReferenceType[Observability]) -> None:
-    """
-    ``Pool.terminate()`` (and ``with Pool() as pool``) ends workers with SIGTERM, which
-    skips every exit hook. In a forked child whose SIGTERM is still the default, deliver
-    or spool what is pending (at most CHILD_TERM_TIMEOUT seconds), then die as before.
-    """
-    try:
-        if signal.getsignal(signal.SIGTERM) is not signal.SIG_DFL:
-            return
-    except ValueError:  # not the main thread
-        return
-
-    def on_term(signum: int, _frame: object) -> None:
-        obs = ref()
-        if obs is not None and obs._closing:
-            return  # already delivering at exit (its own deadline); the process ends next
-        if obs is not None and not obs._closed:
-            obs.close(min(CHILD_TERM_TIMEOUT, obs.settings.shutdown_timeout))
-        signal.signal(signum, signal.SIG_DFL)
-        os.kill(os.getpid(), signum)
-
-    with contextlib.suppress(ValueError):  # not the main thread of the child
-        signal.signal(signal.SIGTERM, on_term)
+        return list(parse_detectors(spec))
+    except ValueError as exc:
+        raise ConfigError(f"ALLELE_MLFLOW_DETECTORS: {exc}") from None

@@ -1,5 +1,5 @@
 """
-Run handles and the per-run state the bus and the exporter share.
+Run handles and the registry of this process's runs.
 
 A :class:`Run` exists before MLflow knows about it: ``obs.run()`` never waits for the
 store. The exporter creates the MLflow run in the background and fills in
@@ -10,30 +10,19 @@ from __future__ import annotations
 
 import threading
 import uuid
-from typing import Any
+from typing import TYPE_CHECKING
 
 from .accounting import AtomicCounter
+from .context import CURRENT_RUN
 
-__all__ = ("Run", "SeriesState")
+if TYPE_CHECKING:
+    from collections.abc import Callable
+    from contextvars import Token
+    from types import TracebackType
 
+    from .sampling import SeriesState
 
-class SeriesState:
-    """
-    Sampling state of one metric series in one run (touched only for sampled metrics).
-    """
-
-    __slots__ = ("held", "kept_in_window", "lock", "maximum", "minimum", "seen", "window")
-
-    def __init__(self) -> None:
-        self.lock = threading.Lock()
-        self.seen = 0
-        self.maximum = float("-inf")
-        self.minimum = float("inf")
-        #: the one-second window (emit time // 1000 ms) and the points kept in it
-        self.window = -1
-        self.kept_in_window = 0
-        #: the latest skipped point, delivered at run end if nothing came after it
-        self.held: tuple[Any, ...] | None = None
+__all__ = ("Run", "RunRegistry", "RunScope")
 
 
 class Run:
@@ -116,12 +105,18 @@ class Run:
             self._created.wait(self._timeout)
         return self._run_id
 
+    @property
+    def created_id(self) -> str | None:
+        """The MLflow run id if the run exists already; never waits."""
+        return self._run_id
+
     def wait_created(self, timeout: float | None = None) -> str | None:
         """Wait up to ``timeout`` seconds for the MLflow run id; None if not yet known."""
         self._created.wait(timeout)
         return self._run_id
 
-    def _set_run_id(self, run_id: str) -> None:
+    def set_created(self, run_id: str) -> None:
+        """Record the MLflow run id (called by the exporter once the store created it)."""
         self._run_id = run_id
         self._created.set()
 
@@ -130,3 +125,100 @@ class Run:
             f"Run(name={self.name!r}, experiment={self.experiment!r}, "
             f"run_id={self._run_id!r}, status={self.status!r})"
         )
+
+
+class RunRegistry:
+    """
+    Every run of this process: by key (for the exporter), the open ones (for host-wide
+    alerts and system metrics), and the default run (for threads with no run in context).
+
+    Runs are never forgotten: they are small, and a late event may still name one.
+    """
+
+    def __init__(self) -> None:
+        self._by_key: dict[str, Run] = {}
+        self._open: dict[str, Run] = {}
+        #: the process's current top-level run, for threads that have no run in context
+        self.default: Run | None = None
+
+    def get(self, key: str) -> Run:
+        """The run with local key ``key``."""
+        return self._by_key[key]
+
+    def opened(self, run: Run) -> None:
+        """Register a new, running run."""
+        self._by_key[run.key] = run
+        self._open[run.key] = run
+
+    def ended(self, run: Run) -> None:
+        """The run has ended: no longer open."""
+        self._open.pop(run.key, None)
+
+    def open_runs(self) -> list[Run]:
+        """The runs still running, in the order they were opened."""
+        return [r for r in list(self._open.values()) if r.status == "RUNNING"]
+
+    def running_default(self) -> Run | None:
+        """The default run if it is still running."""
+        run = self.default
+        return run if run is not None and run.status == "RUNNING" else None
+
+    def entered(self, run: Run) -> None:
+        """A ``with obs.run()`` block was entered: a top-level run becomes the default."""
+        if run.parent is None:
+            self.default = run
+
+    def exited(self, run: Run) -> None:
+        """A run's block was left: the latest top-level run still open becomes the default."""
+        if self.default is run:
+            still_open = [r for r in self.open_runs() if r.parent is None]
+            self.default = still_open[-1] if still_open else None
+
+
+class RunScope:
+    """
+    The context manager returned by ``obs.run()``: makes the run current in this thread
+    or task and yields it; on exit, ``end`` ends it with the block's exception, if any.
+    """
+
+    def __init__(
+        self,
+        run: Run,
+        registry: RunRegistry,
+        end: Callable[[Run, BaseException | None, TracebackType | None], None],
+    ) -> None:
+        self.run = run
+        self._registry = registry
+        self._end = end
+        self._token: Token[Run | None] | None = None
+
+    def __enter__(self) -> Run:
+        self._token = CURRENT_RUN.set(self.run)
+        self._registry.entered(self.run)
+        return self.run
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        run = self.run
+        self._end(run, exc if exc_type is not None else None, tb)
+        try:
+            if self._token is not None:
+                CURRENT_RUN.reset(self._token)
+        except ValueError:  # exited in another context (generator, task): restore by hand
+            CURRENT_RUN.set(run.parent)
+        self._registry.exited(run)
+
+    async def __aenter__(self) -> Run:
+        return self.__enter__()
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.__exit__(exc_type, exc, tb)

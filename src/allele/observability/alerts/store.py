@@ -26,7 +26,7 @@ from .._core.names import sanitize_key
 
 if TYPE_CHECKING:
     from .._core.runs import Run
-    from .emit import AlertRecord
+    from .record import AlertRecord
 
 __all__ = (
     "ALERTS_DIR",
@@ -65,7 +65,7 @@ class AlertChunk:
 
 
 def _run_id(run: Run | None) -> str | None:
-    return None if run is None else run._run_id
+    return None if run is None else run.created_id
 
 
 #: an alert entry's role in a run: the alert itself (an event of kind "alert"), a copy

@@ -100,10 +100,6 @@ class Backend(Protocol):
         """Return the id of the run tagged ``allele.run_key = run_key``, if any."""
         ...
 
-    def ping(self) -> None:
-        """Check that the store answers (a cheap read); raise DeliveryError if not."""
-        ...
-
     def log_batch(
         self,
         run_id: str,

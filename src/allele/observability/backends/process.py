@@ -153,10 +153,6 @@ class ProcessBackend:
             return self._roundtrip(proc, (method, args, kwargs), self._timeout)
 
     # -- Backend --------------------------------------------------------------------------
-    def ping(self) -> None:
-        """Start the worker (if needed) and open the store."""
-        self._call("ping")
-
     def ensure_experiment(self, name: str, artifact_location: str | None) -> str:
         """Return the id of experiment ``name``, creating it if needed."""
         return str(self._call("ensure_experiment", name, artifact_location))

@@ -142,10 +142,6 @@ class RestBackend:
 
     # -- Backend protocol ---------------------------------------------------------------
 
-    def ping(self) -> None:
-        """Check that the server answers and accepts our credentials."""
-        self._call("GET", "experiments/search?max_results=1", None)
-
     def ensure_experiment(self, name: str, artifact_location: str | None) -> str:
         """Return the id of experiment ``name``, creating or restoring it if needed."""
         query = "experiments/get-by-name?" + urlencode({"experiment_name": name})

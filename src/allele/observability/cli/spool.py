@@ -89,10 +89,11 @@ def status(spool_dir: str | None, *, as_json: bool) -> None:
 @_DIR
 def replay(tracking_uri: str | None, spool_dir: str | None) -> None:
     """Deliver every replayable segment to the tracking store, oldest first."""
-    from .._core.observability import make_backend
+    from ..backends.factory import make_backend
     from ..sinks.deadletter import DeadLetters
     from ..sinks.registry import GenomeSink
-    from ..spool.replay import Replayer, RunMap
+    from ..spool.replay import Replayer
+    from ..spool.runmap import RunMap
     from ..spool.segments import Spool
 
     settings = _settings(tracking_uri, spool_dir)

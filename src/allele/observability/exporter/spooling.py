@@ -17,14 +17,31 @@ from typing import TYPE_CHECKING, Any
 
 from ..alerts.store import prepare_alerts
 from ..sinks.batching import split_batches
-from ..spool.replay import Replayer, ReplayReport, RunMap, record_counts
-from ..spool.segments import Spool, prune
+from ..spool.records import (
+    AlertsRecord,
+    ArtifactRecord,
+    BatchRecord,
+    EndRecord,
+    GenomeRecord,
+    PhasesRecord,
+    Record,
+    RunRecord,
+    encode,
+)
+from ..spool.replay import Replayer, ReplayReport
+from ..spool.retention import prune
+from ..spool.runmap import RunMap
+from ..spool.segments import Spool
 
 if TYPE_CHECKING:
+    from collections.abc import Callable
+
+    from .._core.accounting import Accounting
     from .._core.runs import Run
     from ..backends.base import Backend
     from ..config import Settings
-    from .loop import Exporter, _Backlog
+    from ..sinks.deadletter import DeadLetters
+    from .backlog import Backlog
 
 __all__ = ("Spooler",)
 
@@ -41,12 +58,12 @@ class Spooler:
     Writes an exporter's undeliverable backlog to the spool and replays it.
 
     Args:
-        exporter: the owner, whose counters move as records are spooled and replayed.
         settings: the effective settings (spool dir, size bound, prefix).
+        accounting: whose counts move as records are spooled and replayed.
     """
 
-    def __init__(self, exporter: Exporter, settings: Settings) -> None:
-        self._exp = exporter
+    def __init__(self, settings: Settings, accounting: Accounting) -> None:
+        self._acct = accounting
         self._settings = settings
         self._dir = Path(settings.spool_dir)
         #: names this exporter's records, so it can tell its own from older processes'
@@ -59,8 +76,6 @@ class Spooler:
         self.own_pending = 0
         #: segments left by other processes are waiting
         self.foreign = False
-        #: events from other processes' spools delivered by this one
-        self.replayed_foreign = 0
         self._checked_at = 0.0
 
     # -- start-up ------------------------------------------------------------------------
@@ -101,109 +116,123 @@ class Spooler:
         return self._spool
 
     # -- in -------------------------------------------------------------------------------
-    def spool_backlog(self, run: Run, b: _Backlog) -> None:
-        """Move everything ``b`` holds into the spool (the run start first, its end last)."""
-        exp = self._exp
-        name = self._settings.experiment_prefix + run.experiment
-        inst, key = self.instance, run.key
-        run_id = run._run_id
-        records: list[list[Any]] = []
-        if run_id is None and key not in self._started:
+    def spool_backlog(self, run: Run, b: Backlog, alert_counts: dict[str, int]) -> None:
+        """
+        Move everything ``b`` holds into the spool (the run start first, its end last);
+        ``alert_counts`` are the run's running alert counts.
+        """
+        head = (self.instance, run.key, self._settings.experiment_prefix + run.experiment)
+        run_id = run.created_id
+        records: list[Record] = []
+        if run_id is None and run.key not in self._started:
             parent = run.parent
-            tags = {"mlflow.runName": run.name, "allele.run_key": key}
-            records.append([
-                "run", inst, key, name, self._settings.artifact_location, run.name,
-                run.start_time, tags, parent.key if parent else None,
-                parent._run_id if parent else None,
-            ])  # fmt: skip
-            self._started.add(key)
+            tags = {"mlflow.runName": run.name, "allele.run_key": run.key}
+            records.append(
+                RunRecord(
+                    *head,
+                    self._settings.artifact_location,
+                    run.name,
+                    run.start_time,
+                    tags,
+                    parent.key if parent else None,
+                    parent.created_id if parent else None,
+                )
+            )
+            self._started.add(run.key)
         max_metrics = self._settings.metrics_batch_size
         for bm, bp, bt in split_batches(b.metrics, b.params, b.tags, max_metrics=max_metrics):
-            records.append(["batch", inst, key, name, run_id, bm, bp, bt, False])
+            records.append(BatchRecord(*head, run_id, bm, bp, bt, system=False))
         for bm, _, _ in split_batches(b.system, [], [], max_metrics=max_metrics):
-            records.append(["batch", inst, key, name, run_id, bm, [], [], True])
+            records.append(BatchRecord(*head, run_id, bm, [], [], system=True))
         if b.alerts:
-            counts = exp.alert_counts.setdefault(key, {})
-            b.alert_chunks.append(prepare_alerts(b.alerts, counts))
+            b.alert_chunks.append(prepare_alerts(b.alerts, alert_counts))
         records.extend(
-            ["alerts", inst, key, name, run_id, c.records, c.metrics, c.tags, c.primary]
+            AlertsRecord(*head, run_id, c.records, c.metrics, c.tags, c.primary)
             for c in b.alert_chunks
         )
         if b.phases:
-            records.append(["phases", inst, key, name, run_id, b.phases])
-        records.extend(["genome", inst, key, name, run_id, g] for g in b.genomes)
-        records.extend(["artifact", inst, key, name, run_id, p, a] for p, a in b.artifacts)
+            records.append(PhasesRecord(*head, run_id, b.phases))
+        records.extend(GenomeRecord(*head, run_id, g) for g in b.genomes)
+        records.extend(ArtifactRecord(*head, run_id, p, a) for p, a in b.artifacts)
         b.metrics, b.system, b.params, b.tags, b.artifacts = [], [], [], [], []
         b.alerts, b.alert_chunks, b.phases, b.genomes = [], [], [], []
-        self._own_runs[key] = run
+        self._own_runs[run.key] = run
         spool = self._get()
         for record in records:
             self._append(spool, run, record)
         if b.end is not None:
             status, end_time = b.end
             b.end = None
-            record = ["end", inst, key, name, run_id, status, end_time, []]
-            exp._count(run, "run", "spooled", 1)  # counted before the tags describe it
+            self._acct.count(run, "run", "spooled", 1)  # counted before the tags describe it
             self.own_pending += 1
-            record[7] = exp._accounting_tags(run, end_in_spool=True)
-            if not spool.append(record):
-                exp._move(run, "run", "spooled", "dropped", 1)
+            acct_tags = self._acct.run_tags(run, end_in_spool=True)
+            if not spool.append(encode(EndRecord(*head, run_id, status, end_time, acct_tags))):
+                self._acct.move(run, "run", "spooled", "dropped", 1)
                 self.own_pending -= 1
-                exp._drop_reason("spool_full", 1)
+                self._acct.drop_reason("spool_full", 1)
 
-    def _append(self, spool: Spool, run: Run, record: list[Any]) -> None:
-        counts = record_counts(record)
-        if spool.append(record):
+    def _append(self, spool: Spool, run: Run, record: Record) -> None:
+        counts = record.counts()
+        if spool.append(encode(record)):
             for kind, n in counts.items():
-                self._exp._count(run, kind, "spooled", n)
+                self._acct.count(run, kind, "spooled", n)
                 self.own_pending += n
         else:
             for kind, n in counts.items():
-                self._exp._count(run, kind, "dropped", n)
-                self._exp._drop_reason("spool_full", n)
+                self._acct.count(run, kind, "dropped", n)
+                self._acct.drop_reason("spool_full", n)
 
     # -- out ------------------------------------------------------------------------------
-    def replay(self, backend: Backend, max_records: int | None = REPLAY_STEP) -> ReplayReport:
+    def replay(
+        self,
+        backend: Backend,
+        dead: DeadLetters,
+        genome_sink: Callable[[str, dict[str, Any]], None],
+        max_records: int | None = REPLAY_STEP,
+    ) -> ReplayReport:
         """Replay up to ``max_records`` records (blocking: run it in a worker thread)."""
         replayer = Replayer(
             self._get(),
             backend,
             self.runs,
-            self._exp._dead,
+            dead,
             on_run=self._on_run,
             on_delivered=self._on_delivered,
             end_tags=self._end_tags,
-            genome_sink=self._exp.genome_sink,
+            genome_sink=genome_sink,
         )
         report = replayer.replay(max_records=max_records)
         if report.error is None and (max_records is None or report.records < max_records):
             self.foreign = False
         return report
 
+    def _own(self, record: Record) -> Run | None:
+        return self._own_runs.get(record.key) if record.inst == self.instance else None
+
     def _on_run(self, key: str, run_id: str) -> None:
         run = self._own_runs.get(key)
-        if run is not None and run._run_id is None:
-            run._set_run_id(run_id)
+        if run is not None and run.created_id is None:
+            run.set_created(run_id)
 
-    def _on_delivered(self, record: list[Any], lost: dict[str, int]) -> None:
-        counts = record_counts(record)
-        run = self._own_runs.get(record[2]) if record[1] == self.instance else None
+    def _on_delivered(self, record: Record, lost: dict[str, int]) -> None:
+        counts = record.counts()
+        run = self._own(record)
         if run is None:
-            self.replayed_foreign += sum(counts.values()) - sum(lost.values())
+            self._acct.foreign_replayed(sum(counts.values()) - sum(lost.values()))
             return
         for kind, n in counts.items():
             dead = lost.get(kind, 0)
-            self._exp._move(run, kind, "spooled", "delivered", n - dead)
-            self._exp._move(run, kind, "spooled", "dead_lettered", dead)
+            self._acct.move(run, kind, "spooled", "delivered", n - dead)
+            self._acct.move(run, kind, "spooled", "dead_lettered", dead)
             self.own_pending -= n
 
-    def _end_tags(self, record: list[Any]) -> list[tuple[str, str]] | None:
+    def _end_tags(self, record: EndRecord) -> list[tuple[str, str]] | None:
         """Fresh accounting tags for our own runs (the spooled ones are delivered by now)."""
-        run = self._own_runs.get(record[2]) if record[1] == self.instance else None
+        run = self._own(record)
         if run is None:
             return None
         # This end record itself is still counted as spooled: count it as delivered.
-        return self._exp._accounting_tags(run, replaying=True)
+        return self._acct.run_tags(run, replaying=True)
 
     def close(self) -> None:
         """Close this process's segment so other processes may replay it."""

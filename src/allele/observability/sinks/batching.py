@@ -10,14 +10,22 @@ from __future__ import annotations
 
 import functools
 import json
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from ..backends.base import MetricRow, ParamRow, TagRow
 
 if TYPE_CHECKING:
     from collections.abc import Iterator, Sequence
 
-__all__ = ("MAX_ENTITIES", "MAX_METRICS", "MAX_PARAMS_TAGS", "MAX_REQUEST_CHARS", "split_batches")
+__all__ = (
+    "MAX_ENTITIES",
+    "MAX_METRICS",
+    "MAX_PARAMS_TAGS",
+    "MAX_REQUEST_CHARS",
+    "Batch",
+    "halves",
+    "split_batches",
+)
 
 MAX_METRICS = 1000
 MAX_PARAMS_TAGS = 100
@@ -98,3 +106,19 @@ def split_batches(
             end += 1
         yield list(metrics[mi:end]), bp, bt
         mi = end
+
+
+def halves(metrics: list[MetricRow], params: list[ParamRow], tags: list[TagRow]) -> list[Batch]:
+    """Split a batch into two of (nearly) equal size, to isolate the rows a store rejects."""
+    rows: list[tuple[str, Any]] = (
+        [("m", r) for r in metrics] + [("p", r) for r in params] + [("t", r) for r in tags]
+    )
+    mid = len(rows) // 2
+    return [
+        (
+            [r for c, r in part if c == "m"],
+            [r for c, r in part if c == "p"],
+            [r for c, r in part if c == "t"],
+        )
+        for part in (rows[:mid], rows[mid:])
+    ]

@@ -51,14 +51,15 @@ class DeadLetters:
             "kind": kind,
             "run_key": run.key,
             "run_name": run.name,
-            "run_id": run._run_id,
+            "run_id": run.created_id,
             "reason": err.reason,
             "message": err.message,
             "rows": [list(r) if isinstance(r, tuple) else r for r in rows],
         }
-        self._append(record)
+        self.append(record)
 
-    def _append(self, record: dict[str, Any]) -> None:
+    def append(self, record: dict[str, Any]) -> None:
+        """Append one JSON-ready record; an I/O error is logged, never raised."""
         line = json.dumps(record, default=str, allow_nan=True) + "\n"
         try:
             with self._lock:
@@ -70,23 +71,6 @@ class DeadLetters:
             logger.warning(
                 "allele-observability: cannot write dead letter to %s: %s", self.path, exc
             )
-
-    def write_record(self, record: list[Any], err: DeliveryError) -> None:
-        """Append a rejected spool record (from a replay) with the store's reason."""
-        kind = record[0]
-        rows: list[Any] = record[5:8] if kind == "batch" else record[5:]
-        self._append(
-            {
-                "time": time.time(),
-                "kind": kind,
-                "run_key": record[2],
-                "experiment": record[3],
-                "run_id": record[4] if kind != "run" else None,
-                "reason": err.reason,
-                "message": err.message,
-                "rows": rows,
-            }
-        )
 
     def read(self) -> list[dict[str, Any]]:
         """Return every record (for the CLI and tests)."""

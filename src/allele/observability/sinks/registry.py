@@ -36,7 +36,7 @@ class GenomeSink:
     def _get(self) -> Any:
         with self._lock:
             if self._registry is None:
-                from ..genomes import GenomeRegistry
+                from ..genomes.registry import GenomeRegistry
 
                 s = self._settings
                 self._registry = GenomeRegistry(s.tracking_uri, s.model_registry_uri)

@@ -1,0 +1,213 @@
+"""
+Per-run backlogs: drained events sorted by the run they belong to, in delivery order.
+
+Control events have these shapes (``run`` is a ``Run``)::
+
+    ("run_start", run, tags, params)      ("run_end", run, status, end_time)
+    ("param", run, key, value)            ("tag", run, key, value)
+    ("artifact", run, local_path, artifact_path)
+    ("alert", run or None, AlertRecord)   ("phase", run, record)
+    ("genome", run, payload)
+
+An alert goes to every run it correlates to: the first holds the event (``PRIMARY``), the
+others get a ``COPY``; when more identical alerts fold into a stored record, an ``UPDATE``
+stores it again with its new occurrence count.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import TYPE_CHECKING, Any
+
+from .._core.accounting import Accounting
+from ..alerts.store import COPY, PRIMARY, UPDATE, AlertChunk
+
+if TYPE_CHECKING:
+    from collections.abc import Callable
+
+    from .._core.runs import Run
+    from ..alerts.record import AlertRecord
+    from ..backends.base import MetricRow, ParamRow, TagRow
+    from .source import ControlEvent, MetricEvent
+
+__all__ = ("KIND_OF", "Backlog", "Router")
+
+#: the accounting kind of each control event
+KIND_OF = {
+    "run_start": "run",
+    "run_end": "run",
+    "param": "param",
+    "tag": "tag",
+    "artifact": "artifact",
+    "alert": "alert",
+    "phase": "phase",
+    "genome": "genome",
+}
+
+
+class Backlog:
+    """What one run still owes the store, in delivery order."""
+
+    __slots__ = (
+        "alert_chunks",
+        "alerts",
+        "artifacts",
+        "end",
+        "genomes",
+        "metrics",
+        "params",
+        "phases",
+        "started",
+        "system",
+        "tags",
+    )
+
+    def __init__(self, started: bool) -> None:
+        #: the run's start event has been drained (it may be created)
+        self.started = started
+        self.metrics: list[MetricRow] = []
+        #: system samples (counted under kind "system")
+        self.system: list[MetricRow] = []
+        self.params: list[ParamRow] = []
+        self.tags: list[TagRow] = []
+        self.artifacts: list[tuple[str, str | None]] = []
+        #: (alert, step, role) entries not yet prepared, then chunks ready to store
+        self.alerts: list[tuple[AlertRecord, int, str]] = []
+        self.alert_chunks: list[AlertChunk] = []
+        self.phases: list[dict[str, Any]] = []
+        self.genomes: list[dict[str, Any]] = []
+        self.end: tuple[str, int] | None = None
+
+    def empty(self) -> bool:
+        """Whether nothing but (possibly) the run's end is left."""
+        return not (
+            self.metrics
+            or self.system
+            or self.params
+            or self.tags
+            or self.artifacts
+            or self.alerts
+            or self.alert_chunks
+            or self.phases
+            or self.genomes
+        )
+
+    def rows(self) -> list[tuple[str, list[Any]]]:
+        """The row-shaped contents per kind (metrics, system samples, params, tags, artifacts)."""
+        return [
+            ("metric", self.metrics),
+            ("system", self.system),
+            ("param", self.params),
+            ("tag", self.tags),
+            ("artifact", self.artifacts),
+        ]
+
+    def counts(self) -> dict[str, int]:
+        """The events held, per kind (alert copies and updates are not events)."""
+        counts = {kind: len(rows) for kind, rows in self.rows()}
+        primary = sum(1 for _, _, role in self.alerts if role == PRIMARY)
+        counts["alert"] = primary + sum(c.primary for c in self.alert_chunks)
+        counts["phase"] = len(self.phases)
+        counts["genome"] = len(self.genomes)
+        counts["run"] = int(self.end is not None)
+        return counts
+
+
+class Router:
+    """
+    Sorts drained events into per-run backlogs.
+
+    Args:
+        dedupe_window: ``ALERT_DEDUPE_WINDOW``: how long a stored alert may still fold.
+    """
+
+    def __init__(self, dedupe_window: float) -> None:
+        self._window_ms = int(dedupe_window * 1000)
+        #: the backlog of every run that owes the store something
+        self.backlogs: dict[Run, Backlog] = {}
+        #: keys of the runs whose start event has been drained
+        self._seen_start: set[str] = set()
+        #: alert counts per run key (total, per severity, per name) for the run's tags
+        self.alert_counts: dict[str, dict[str, int]] = {}
+        #: alerts that may still fold: alert id to (record, occurrences already stored)
+        self._live_alerts: dict[str, tuple[AlertRecord, int]] = {}
+
+    def backlog(self, run: Run) -> Backlog:
+        """The backlog of ``run``, made if needed."""
+        b = self.backlogs.get(run)
+        if b is None:
+            b = self.backlogs[run] = Backlog(run.key in self._seen_start)
+        return b
+
+    def pending(self) -> bool:
+        """Whether any run still owes the store something."""
+        return any(not b.empty() or b.end is not None for b in self.backlogs.values())
+
+    def route(
+        self, events: list[ControlEvent], items: list[MetricEvent], run_of: Callable[[str], Run]
+    ) -> None:
+        """Sort control events, then metrics, into their runs' backlogs."""
+        received = Accounting.received
+        for ev in events:
+            kind, run = ev[0], ev[1]
+            if kind == "alert":
+                self._route_alert(ev[2])
+                continue
+            b = self.backlog(run)
+            received(run, 1)
+            if kind == "run_start":
+                b.started = True
+                self._seen_start.add(run.key)
+                received(run, len(ev[3]) + len(ev[2]))
+                b.params.extend(ev[3].items())
+                b.tags.extend(ev[2].items())
+            elif kind == "param":
+                b.params.append((ev[2], ev[3]))
+            elif kind == "tag":
+                b.tags.append((ev[2], ev[3]))
+            elif kind == "artifact":
+                b.artifacts.append((ev[2], ev[3]))
+            elif kind == "run_end":
+                b.end = (ev[2], ev[3])
+            elif kind == "phase":
+                b.phases.append(ev[2])
+            elif kind == "genome":
+                b.genomes.append(ev[2])
+        self._ship_alert_updates()
+        last_key: str | None = None
+        current: Run | None = None
+        rows: list[MetricRow] = []
+        n = 0
+        for run_key, key, value, ts, step in items:
+            if run_key is not last_key:
+                if current is not None:
+                    received(current, n)
+                current = run_of(run_key)
+                rows = self.backlog(current).metrics
+                last_key, n = run_key, 0
+            rows.append((key, value, ts // 1_000_000, step))
+            n += 1
+        if current is not None:
+            received(current, n)
+
+    def _route_alert(self, record: AlertRecord) -> None:
+        """An alert goes to every run it hits; the first one holds the event."""
+        role = PRIMARY
+        for target, step in record.correlated:
+            self.backlog(target).alerts.append((record, step, role))
+            role = COPY
+        Accounting.received(record.correlated[0][0], 1)
+        self._live_alerts[record.alert_id] = (record, record.occurrences)
+
+    def _ship_alert_updates(self) -> None:
+        """Store again the alerts whose occurrence count grew; forget those that can't."""
+        if not self._live_alerts:
+            return
+        horizon = time.time_ns() // 1_000_000 - self._window_ms
+        for alert_id, (record, stored) in list(self._live_alerts.items()):
+            if record.occurrences != stored:
+                for target, step in record.correlated:
+                    self.backlog(target).alerts.append((record, step, UPDATE))
+                self._live_alerts[alert_id] = (record, record.occurrences)
+            elif record.time < horizon - 1000:
+                del self._live_alerts[alert_id]

@@ -1,0 +1,63 @@
+"""
+Delivery health: exponential backoff with full jitter, and the state users see.
+
+States: ``healthy``; ``degraded`` after a failed attempt; ``offline`` after
+:data:`OFFLINE_AFTER` in a row; ``recovering`` while the spool is replayed after a
+success. Each transition is logged once.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+import time
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from ..backends.base import DeliveryError
+
+__all__ = ("Health",)
+
+logger = logging.getLogger("allele.observability")
+
+BACKOFF_BASE = 0.25
+BACKOFF_CAP = 30.0
+#: consecutive failed attempts before the state is "offline"
+OFFLINE_AFTER = 3
+
+
+class Health:
+    """The exporter's delivery state and when to try again."""
+
+    def __init__(self) -> None:
+        self.state = "healthy"
+        #: ``time.monotonic()`` before which no new attempt is made
+        self.retry_at = 0.0
+        self._failures = 0
+
+    def failed(self, err: DeliveryError) -> None:
+        """An attempt failed: back off (honouring ``Retry-After``) and update the state."""
+        self._failures += 1
+        delay = min(BACKOFF_CAP, BACKOFF_BASE * 2 ** min(self._failures, 10))
+        if err.retry_after:
+            delay = max(delay, err.retry_after)
+        self.retry_at = time.monotonic() + random.uniform(0, delay)  # noqa: S311
+        new = "offline" if self._failures >= OFFLINE_AFTER else "degraded"
+        if new != self.state:
+            logger.warning(
+                "allele-observability: delivery %s (%s); events are kept and retried", new, err
+            )
+            self.state = new
+
+    def succeeded(self) -> None:
+        """An attempt succeeded: no more backoff."""
+        if self._failures:
+            self._failures = 0
+            self.retry_at = 0.0
+            if self.state != "healthy":
+                logger.warning("allele-observability: delivery healthy again")
+            self.state = "healthy"
+
+    def recovering(self) -> None:
+        """Delivering again, with the spool still being replayed."""
+        self.state = "recovering"
