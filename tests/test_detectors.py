@@ -8,6 +8,7 @@ import statistics
 
 import pytest
 
+from allele.observability.config import ConfigError
 from allele.observability.sources.detectors import (
     Detector,
     Finding,
@@ -16,6 +17,7 @@ from allele.observability.sources.detectors import (
     Stagnation,
     Threshold,
     ZScore,
+    detectors_from_setting,
     parse_detectors,
 )
 
@@ -243,3 +245,13 @@ def test_parse_errors_name_the_entry_and_field(text: str, message: str) -> None:
     """Each bad entry or field is a ValueError naming the entry and the field."""
     with pytest.raises(ValueError, match=message):
         parse_detectors(text)
+
+
+def test_detectors_from_setting_raises_config_error() -> None:
+    """A bad setting is a ConfigError naming the variable and the entry; empty is none."""
+    bad = '[{"type": "non_finite"}, {"type": "stagnation", "metric": "m", "window": 0}]'
+    expected = r"^ALLELE_MLFLOW_DETECTORS: detectors\[1\] \(stagnation\): window must"
+
+    with pytest.raises(ConfigError, match=expected):
+        detectors_from_setting(bad)
+    assert [] == detectors_from_setting("")

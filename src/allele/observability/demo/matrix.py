@@ -22,7 +22,8 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from .ga import GAConfig, GenerationStats, GeneticAlgorithm, OneMax, Problem, Rastrigin
+from .ga import GAConfig, GenerationStats, GeneticAlgorithm
+from .problems import OneMax, Problem, Rastrigin
 
 if TYPE_CHECKING:
     from collections.abc import Callable, Sequence

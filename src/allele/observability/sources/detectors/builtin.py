@@ -1,166 +1,18 @@
 """
-Detectors: small state machines that watch metric streams and say which alerts to raise.
-
-Each detector is fed every metric point with :meth:`Detector.observe` and returns the
-:class:`Finding` objects to raise as alerts (usually none). They are pure: no I/O, no
-clock, no dependency beyond the standard library, O(1) work per point. State is kept per
-``(run_key, metric)``; :meth:`Detector.reset` forgets a run's state when it ends.
-Detectors are not thread-safe: feed each from one thread or behind one lock.
-
-Metric selectors are :func:`fnmatch.fnmatchcase` globs. Every detector except
-:class:`NonFinite` ignores NaN and +-inf points. The alert name is stable per detector:
-``<metric>.<kind>`` for a plain metric name, ``metric.<kind>`` for a glob (the concrete
-metric is always in the attributes), or the ``alert_name`` given.
-
-``ALLELE_MLFLOW_DETECTORS`` holds a JSON array parsed by :func:`parse_detectors`::
-
-    [{"type": "stagnation", "metric": "fitness.best", "window": 20},
-     {"type": "non_finite"}]
+The built-in detectors: non-finite values, thresholds, stagnation, regressions and spikes.
 """
 
 from __future__ import annotations
 
-import json
 import math
 from collections import deque
-from fnmatch import fnmatchcase
-from typing import Any, ClassVar, NamedTuple
+from typing import Any
 
-__all__ = (
-    "DETECTOR_TYPES",
-    "Detector",
-    "Finding",
-    "NonFinite",
-    "Regression",
-    "Stagnation",
-    "Threshold",
-    "ZScore",
-    "parse_detectors",
-)
+from .base import Detector, Finding, _integer, _number
 
-_SEVERITIES = ("info", "warning", "error", "critical")
+__all__ = ("NonFinite", "Regression", "Stagnation", "Threshold", "ZScore")
+
 _DIRECTIONS = {"max": "max", "maximize": "max", "min": "min", "minimize": "min"}
-
-
-class Finding(NamedTuple):
-    """
-    An alert a detector asks to raise.
-    """
-
-    #: the alert name (stable per detector)
-    name: str
-    #: "info", "warning", "error" or "critical"
-    severity: str
-    #: a human-readable sentence
-    message: str
-    #: JSON-ready details: always ``metric``, ``step``, ``value`` and ``detector``
-    attributes: dict[str, Any]
-
-
-def _number(value: Any, field: str, *, minimum: float | None = None) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
-        raise ValueError(f"{field} must be a finite number, got {value!r}")
-    if minimum is not None and value < minimum:
-        raise ValueError(f"{field} must be >= {minimum:g}, got {value!r}")
-    return float(value)
-
-
-def _integer(value: Any, field: str, minimum: int) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-        raise ValueError(f"{field} must be an integer >= {minimum}, got {value!r}")
-    return value
-
-
-def _json_value(value: float) -> float | str:
-    """A metric value as JSON allows it: non-finite values become "nan", "inf", "-inf"."""
-    return value if math.isfinite(value) else str(value)
-
-
-class Detector:
-    """
-    Base of the built-in detectors: selector matching, naming and per-series state.
-
-    Args:
-        metric: a metric name or glob.
-        severity: the severity of the alerts raised.
-        name: the detector's name (default ``<kind>(<metric>)``).
-        alert_name: the alert name (default: see the module docstring).
-    """
-
-    #: the ``type`` in ``ALLELE_MLFLOW_DETECTORS`` and the alert-name suffix
-    kind: ClassVar[str] = ""
-    #: the last part of the default alert name
-    suffix: ClassVar[str] = ""
-    #: the detector's own keyword arguments (besides severity, name and alert_name)
-    fields: ClassVar[tuple[str, ...]] = ("metric",)
-
-    def __init__(
-        self,
-        metric: str,
-        *,
-        severity: str = "warning",
-        name: str | None = None,
-        alert_name: str | None = None,
-    ) -> None:
-        if not isinstance(metric, str) or not metric:
-            raise ValueError(f"metric must be a non-empty str (name or glob), got {metric!r}")
-        if severity not in _SEVERITIES:
-            raise ValueError(f"severity must be one of {_SEVERITIES}, got {severity!r}")
-        for field, text in (("name", name), ("alert_name", alert_name)):
-            if text is not None and (not isinstance(text, str) or not text):
-                raise ValueError(f"{field} must be a non-empty str, got {text!r}")
-        self.metric = metric
-        self.severity = severity
-        self.name = name or f"{self.kind}({metric})"
-        is_glob = any(c in metric for c in "*?[")
-        self.alert_name = alert_name or f"{'metric' if is_glob else metric}.{self.suffix}"
-        self._matches: dict[str, bool] = {}
-        self._state: dict[tuple[str, str], Any] = {}
-
-    def __repr__(self) -> str:
-        return f"{type(self).__name__}(name={self.name!r}, alert_name={self.alert_name!r})"
-
-    def observe(self, run_key: str, name: str, value: float, step: int) -> list[Finding]:
-        """
-        Feed one metric point; return the alerts to raise (most often an empty list).
-        """
-        matched = self._matches.get(name)
-        if matched is None:
-            matched = self._matches[name] = fnmatchcase(name, self.metric)
-        if not matched:
-            return []
-        value = float(value)
-        if not math.isfinite(value) and self.kind != "non_finite":
-            return []
-        key = (run_key, name)
-        state = self._state.get(key)
-        if state is None:
-            state = self._state[key] = self._new_state()
-        return self._check(state, name, value, step)
-
-    def reset(self, run_key: str | None = None) -> None:
-        """Forget the state of one run (or of every run)."""
-        if run_key is None:
-            self._state.clear()
-        else:
-            for key in [k for k in self._state if k[0] == run_key]:
-                del self._state[key]
-
-    def _finding(self, metric: str, value: float, step: int, message: str, **extra: Any) -> Finding:
-        attributes = {
-            "metric": metric,
-            "step": step,
-            "value": _json_value(value),
-            "detector": self.name,
-            **extra,
-        }
-        return Finding(self.alert_name, self.severity, message, attributes)
-
-    def _new_state(self) -> Any:  # pragma: no cover - every subclass overrides it
-        raise NotImplementedError
-
-    def _check(self, state: Any, metric: str, value: float, step: int) -> list[Finding]:
-        raise NotImplementedError  # pragma: no cover
 
 
 class NonFinite(Detector):
@@ -427,55 +279,3 @@ class ZScore(Detector):
                     )
         state.push(value)
         return found
-
-
-#: ``type`` in ``ALLELE_MLFLOW_DETECTORS`` -> detector class
-DETECTOR_TYPES: dict[str, type[Detector]] = {
-    cls.kind: cls for cls in (NonFinite, Threshold, Stagnation, Regression, ZScore)
-}
-
-
-def parse_detectors(text: str) -> list[Detector]:
-    """
-    Build detectors from ``ALLELE_MLFLOW_DETECTORS``: a JSON array of objects with a
-    ``type`` (one of :data:`DETECTOR_TYPES`) and the detector's keyword arguments. An
-    empty string gives no detectors.
-
-    Raises:
-        ValueError: naming the entry (by index and type) and the bad field.
-    """
-    if not text.strip():
-        return []
-    try:
-        entries = json.loads(text)
-    except json.JSONDecodeError as exc:
-        raise ValueError(f"detectors: invalid JSON: {exc}") from None
-    if not isinstance(entries, list):
-        # ValueError throughout: a bad setting is a bad value, whatever its JSON type.
-        raise ValueError(f"detectors: expected a JSON array, got {type(entries).__name__}")  # noqa: TRY004
-    detectors: list[Detector] = []
-    for index, entry in enumerate(entries):
-        where = f"detectors[{index}]"
-        if not isinstance(entry, dict):
-            raise ValueError(f"{where}: expected an object, got {entry!r}")  # noqa: TRY004
-        options = dict(entry)
-        kind = options.pop("type", None)
-        if kind not in DETECTOR_TYPES:
-            raise ValueError(
-                f"{where}: 'type' must be one of {sorted(DETECTOR_TYPES)}, got {kind!r}"
-            )
-        cls = DETECTOR_TYPES[kind]
-        where = f"{where} ({kind})"
-        if cls is NonFinite and "metric" in options:
-            options.setdefault("metrics", options.pop("metric"))
-        allowed = (*cls.fields, "severity", "name", "alert_name")
-        unknown = sorted(set(options) - set(allowed))
-        if unknown:
-            raise ValueError(f"{where}: unknown field(s) {unknown}; expected some of {allowed}")
-        if cls is not NonFinite and "metric" not in options:
-            raise ValueError(f"{where}: missing field 'metric'")
-        try:
-            detectors.append(cls(**options))
-        except ValueError as exc:
-            raise ValueError(f"{where}: {exc}") from None
-    return detectors
