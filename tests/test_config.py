@@ -274,3 +274,20 @@ def test_disabled_from_env_is_a_no_op(monkeypatch: pytest.MonkeyPatch) -> None:
     assert 0 == stats.total.emitted
     assert "disabled" == stats.state
     assert [] == made
+
+
+def test_invalid_detectors_fail_at_construction_and_in_config(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A bad ALLELE_MLFLOW_DETECTORS fails when the facade is built and in `allele-obs config`."""
+    from click.testing import CliRunner
+
+    from allele.observability.cli import main
+
+    monkeypatch.setenv("ALLELE_MLFLOW_DETECTORS", '[{"type": "stagnation"}]')
+
+    with pytest.raises(ConfigError, match=r"ALLELE_MLFLOW_DETECTORS: .*missing field 'metric'"):
+        Observability.from_env()
+    result = CliRunner().invoke(main, ["config"])
+    assert 2 == result.exit_code
+    assert "ALLELE_MLFLOW_DETECTORS" in result.output

@@ -22,6 +22,7 @@ from ..alerts.phases import Phases
 from ..backends.factory import make_backend
 from ..config import Settings, load_settings
 from ..exporter.loop import Exporter
+from ..sources.detectors import detectors_from_setting
 from .accounting import Accounting
 from .bus import Bus
 from .emitters import closed_emitters, disabled_emitters
@@ -42,10 +43,10 @@ if TYPE_CHECKING:
     from collections.abc import Callable, Mapping
     from types import TracebackType
 
+    from ..alerts.queries import Queries
     from ..backends.base import Backend
     from ..exporter.source import MetricEvent
     from ..genomes import GenomeRegistry
-    from ..queries import Queries
     from ..sources.detectors import Detector
     from .accounting import Statistics
     from .runs import RunScope
@@ -86,7 +87,7 @@ class Observability:
             settings = load_settings(**{**settings.model_dump(), **overrides})
         self.settings = settings
         #: detectors run by the exporter over every metric it drains
-        self._detectors: list[Any] = _detectors_from_setting(settings.detectors)
+        self._detectors: list[Any] = detectors_from_setting(settings.detectors)
         self._acct = Accounting()
         self._runs = RunRegistry()
         self._tracker = RunTracker(
@@ -432,16 +433,3 @@ class Observability:
             s = self.settings
             self._genomes = _GenomeRegistry(s.tracking_uri, s.model_registry_uri)
         return self._genomes
-
-
-def _detectors_from_setting(spec: str) -> list[Any]:
-    """The detectors of ``ALLELE_MLFLOW_DETECTORS``; an invalid spec is a ConfigError."""
-    if not spec.strip():
-        return []
-    from ..config import ConfigError
-    from ..sources.detectors import parse_detectors
-
-    try:
-        return list(parse_detectors(spec))
-    except ValueError as exc:
-        raise ConfigError(f"ALLELE_MLFLOW_DETECTORS: {exc}") from None

@@ -22,6 +22,7 @@ import click
 
 from ..config import ENV_PREFIX, ConfigError, Settings, load_settings
 from ..demo.matrix import DEFAULT_GENERATIONS
+from ..sources.detectors import detectors_from_setting
 from .alerts import alerts, correlate
 from .genomes import genomes
 from .retention import retention
@@ -90,6 +91,7 @@ def config(*, as_json: bool) -> None:
     """
     try:
         settings = load_settings()
+        detectors_from_setting(settings.detectors)  # checked where it is parsed
     except ConfigError as err:
         _config_failed(err)
         return
