@@ -11,10 +11,10 @@ from ._core.accounting import KindStatistics as KindStatistics
 from ._core.accounting import Statistics as Statistics
 from ._core.observability import Observability as Observability
 from ._core.runs import Run as Run
-from .alerts.queries import Alert as Alert
-from .alerts.queries import AlertContext as AlertContext
 from .alerts.queries import Queries as Queries
-from .alerts.queries import RunRef as RunRef
+from .alerts.results import Alert as Alert
+from .alerts.results import AlertContext as AlertContext
+from .alerts.results import RunRef as RunRef
 from .backends.base import DeliveryError as DeliveryError
 from .config import ConfigError as ConfigError
 from .config import SamplingRule as SamplingRule

@@ -7,13 +7,13 @@ experiment has ended. See ``docs/alerts.md``.
 
 from __future__ import annotations
 
-from .alerts.queries import (
+from .alerts.queries import Queries
+from .alerts.results import (
     SEVERITIES,
     Alert,
     AlertContext,
     AlertNotFoundError,
     Phase,
-    Queries,
     RunRef,
 )
 

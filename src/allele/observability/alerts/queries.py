@@ -13,26 +13,37 @@ the process for a process-wide alert):
 
 Exceptions: :class:`AlertNotFoundError` (a ``LookupError``) when an alert id is unknown;
 ``ValueError``/``TypeError`` for bad arguments; MLflow's own exceptions pass through.
+
+The result types are defined in :mod:`.results` (and re-exported here); the MLflow reads
+(runs, chunk files, alert records) in :mod:`.reading`.
 """
 
 from __future__ import annotations
 
-import dataclasses
-import datetime as dt
-import json
 import logging
 import math
 import re
-import tempfile
-import threading
-from collections import OrderedDict
-from concurrent.futures import ThreadPoolExecutor
 from fnmatch import fnmatchcase
-from pathlib import Path
-from typing import TYPE_CHECKING, Any, TypeVar
+from typing import TYPE_CHECKING, Any
+
+from .reading import MlflowReader
+from .results import (
+    _PHASE_FIELDS,
+    SEVERITIES,
+    Alert,
+    AlertContext,
+    AlertNotFoundError,
+    Phase,
+    RunRef,
+    _merge,
+    _quote,
+    _severities,
+    _to_ms,
+)
 
 if TYPE_CHECKING:
-    from collections.abc import Callable, Iterable, Mapping, Sequence
+    import datetime as dt
+    from collections.abc import Iterable, Sequence
 
 __all__ = (
     "SEVERITIES",
@@ -46,170 +57,13 @@ __all__ = (
 
 logger = logging.getLogger(__name__)
 
-SEVERITIES = ("info", "warning", "error", "critical")
 _HAS_ALERTS = "tags.`allele.alerts.total` != ''"
-_CACHE_SIZE = 4096
-_CHUNK = re.compile(r"^(?:alerts|phases)-(\d+)-(\d+)\.jsonl$")
 _ALERT_ID = re.compile(r"^a-([0-9a-f]{16})-[0-9a-f]{8}$")
 #: runs are searched within this much (ms) of an alert's time before a full scan
 _SLACK_MS = 3_600_000
-_R = TypeVar("_R")
 
 
-class AlertNotFoundError(LookupError):
-    """
-    Raised when no run in the queried experiments holds the alert id.
-    """
-
-
-@dataclasses.dataclass(frozen=True)
-class Alert:
-    """
-    One alert as stored (see the storage spec), merged over every run holding it.
-
-    ``time`` and ``last_time`` are epoch milliseconds; ``run_ids`` are the runs, among
-    those read, whose artifacts hold it (only the given run in a run-scoped query).
-    """
-
-    alert_id: str
-    name: str
-    severity: str
-    message: str
-    attributes: dict[str, Any]
-    fingerprint: str
-    time: int
-    last_time: int
-    occurrences: int
-    run_id: str | None
-    experiment: str | None
-    phase: str | None
-    phase_path: tuple[str, ...]
-    step: int | None
-    trace_id: str | None
-    span_id: str | None
-    host: str
-    pid: int
-    scope: str
-    correlated_run_ids: tuple[str, ...]
-    run_ids: tuple[str, ...]
-
-    @classmethod
-    def from_record(cls, rec: Mapping[str, Any], run_ids: tuple[str, ...]) -> Alert:
-        """Build from one JSONL record; raise KeyError/TypeError/ValueError if malformed."""
-        time = int(rec["time"])
-        step = rec.get("step")
-        return cls(
-            alert_id=str(rec["alert_id"]),
-            name=str(rec["name"]),
-            severity=str(rec["severity"]),
-            message=str(rec.get("message") or ""),
-            attributes=dict(rec.get("attributes") or {}),
-            fingerprint=str(rec.get("fingerprint") or ""),
-            time=time,
-            last_time=int(rec.get("last_time") or time),
-            occurrences=int(rec.get("occurrences") or 1),
-            run_id=rec.get("run_id"),
-            experiment=rec.get("experiment"),
-            phase=rec.get("phase"),
-            phase_path=tuple(rec.get("phase_path") or ()),
-            step=None if step is None else int(step),
-            trace_id=rec.get("trace_id"),
-            span_id=rec.get("span_id"),
-            host=str(rec.get("host") or ""),
-            pid=int(rec.get("pid") or 0),
-            scope=str(rec.get("scope") or "run"),
-            correlated_run_ids=tuple(rec.get("correlated_run_ids") or ()),
-            run_ids=run_ids,
-        )
-
-
-@dataclasses.dataclass(frozen=True)
-class Phase:
-    """One phase (an OpenTelemetry span) of a run; times in epoch ms, ``end_time`` None if open."""
-
-    name: str
-    path: tuple[str, ...]
-    trace_id: str | None
-    span_id: str | None
-    parent_span_id: str | None
-    start_time: int
-    end_time: int | None
-    start_step: int | None
-    end_step: int | None
-    run_id: str | None
-
-
-_PHASE_FIELDS = tuple(f.name for f in dataclasses.fields(Phase))
-
-
-@dataclasses.dataclass(frozen=True)
-class RunRef:
-    """A run as the queries report it; times in epoch ms, ``end_time`` None while running."""
-
-    run_id: str
-    run_name: str
-    experiment_id: str
-    experiment: str | None
-    status: str
-    start_time: int | None
-    end_time: int | None
-    host: str | None
-    pid: int | None
-
-
-@dataclasses.dataclass(frozen=True)
-class AlertContext:
-    """
-    An alert with its runs, its phase and ``metrics[run_id][metric] = [(step, value)]``
-    for the steps within ``window`` of ``steps[run_id]`` (the alert's step in its own
-    run; elsewhere the run's step at the alert's time, from metric timestamps).
-    """
-
-    alert: Alert
-    runs: tuple[RunRef, ...]
-    phase: Phase | None
-    steps: dict[str, int | None]
-    metrics: dict[str, dict[str, list[tuple[int, float]]]]
-    window: int
-
-
-def _to_ms(value: Any, field: str) -> float | None:
-    if value is None:
-        return None
-    if isinstance(value, dt.datetime):
-        return value.timestamp() * 1000.0  # a naive datetime is local time
-    if isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value):
-        return float(value) * 1000.0
-    raise TypeError(f"{field} must be a datetime or epoch seconds, got {value!r}")
-
-
-def _severities(severity: str | Iterable[str] | None) -> frozenset[str] | None:
-    if severity is None:
-        return None
-    wanted = frozenset([severity] if isinstance(severity, str) else severity)
-    if not wanted or not wanted <= set(SEVERITIES):
-        raise ValueError(f"severity must be among {SEVERITIES}, got {sorted(wanted)}")
-    return wanted
-
-
-def _quote(value: str) -> str:
-    if "'" in value:
-        raise ValueError(f"{value!r} cannot be used in an MLflow filter")
-    return f"'{value}'"
-
-
-def _chunk_key(path: str) -> tuple[int, int, str] | None:
-    m = _CHUNK.match(path.rsplit("/", 1)[-1])
-    return (int(m.group(1)), int(m.group(2)), path) if m else None
-
-
-def _merge(a: Alert, b: Alert) -> Alert:
-    """Two records of one alert: the one with more occurrences (else ``b``), all run ids."""
-    best = a if (a.occurrences, a.last_time) > (b.occurrences, b.last_time) else b
-    return dataclasses.replace(best, run_ids=tuple(sorted({*a.run_ids, *b.run_ids})))
-
-
-class Queries:
+class Queries(MlflowReader):
     """
     Read-only questions about alerts, runs and phases, answered from MLflow.
 
@@ -222,16 +76,6 @@ class Queries:
     only ever added, so a new listing always sees new data.
     """
 
-    def __init__(
-        self, tracking_uri: str, *, experiment_prefix: str = "", max_workers: int = 8
-    ) -> None:
-        self.tracking_uri = tracking_uri
-        self.experiment_prefix = experiment_prefix
-        self.max_workers = max(1, max_workers)
-        self._lock = threading.Lock()
-        self._client: Any = None
-        self._cache: OrderedDict[tuple[str, str, int], tuple[dict[str, Any], ...]] = OrderedDict()
-
     @classmethod
     def from_env(cls, **overrides: Any) -> Queries:
         """Build from ``ALLELE_MLFLOW_TRACKING_URI`` and ``_EXPERIMENT_PREFIX`` (or overrides)."""
@@ -242,16 +86,6 @@ class Queries:
 
     def __repr__(self) -> str:
         return f"Queries({self.tracking_uri!r}, experiment_prefix={self.experiment_prefix!r})"
-
-    @property
-    def client(self) -> Any:
-        """The ``mlflow.MlflowClient`` (imported and built on first use)."""
-        with self._lock:
-            if self._client is None:
-                from mlflow import MlflowClient
-
-                self._client = MlflowClient(tracking_uri=self.tracking_uri)
-            return self._client
 
     # -- public queries -------------------------------------------------------------------------
     def alerts(
@@ -374,93 +208,6 @@ class Queries:
         return sorted(merged.values(), key=lambda p: (p.start_time, len(p.path)))
 
     # -- helpers ----------------------------------------------------------------------------
-    def _experiments(self) -> dict[str, str]:
-        """Experiment id -> name, for the active experiments with the prefix."""
-        out: dict[str, str] = {}
-        token = None
-        while True:
-            page = self.client.search_experiments(max_results=1000, page_token=token)
-            out.update(
-                (e.experiment_id, e.name) for e in page if e.name.startswith(self.experiment_prefix)
-            )
-            if not (token := page.token):
-                return out
-
-    def _search(self, experiments: Mapping[str, str], where: str) -> list[Any]:
-        ids, runs = list(experiments), []
-        for i in range(0, len(ids), 100):
-            token = None
-            while True:
-                page = self.client.search_runs(ids[i : i + 100], where, page_token=token)
-                runs.extend(page)
-                if not (token := page.token):
-                    break
-        return runs
-
-    def _map(self, fn: Callable[[Any], _R], items: list[Any]) -> list[_R]:
-        if len(items) <= 1 or self.max_workers == 1:
-            return [fn(item) for item in items]
-        with ThreadPoolExecutor(min(len(items), self.max_workers)) as pool:
-            return list(pool.map(fn, items))
-
-    def _records(self, run: Any, directory: str) -> list[dict[str, Any]]:
-        """Every JSON object in a run's chunk files under ``directory``, in chunk order."""
-        run_id, ended = run.info.run_id, run.info.status != "RUNNING"
-        files = [f for f in self.client.list_artifacts(run_id, directory) if _chunk_key(f.path)]
-        out: list[dict[str, Any]] = []
-        for f in sorted(files, key=lambda f: _chunk_key(f.path) or ()):
-            key = (run_id, f.path, -1 if f.file_size is None else f.file_size)
-            cacheable = ended and key[2] >= 0
-            with self._lock:
-                records = self._cache.get(key) if cacheable else None
-            if records is None:
-                records = self._download(run_id, f.path)
-            if cacheable:
-                with self._lock:
-                    self._cache[key] = records
-                    self._cache.move_to_end(key)
-                    while len(self._cache) > _CACHE_SIZE:
-                        self._cache.popitem(last=False)
-            out.extend(records)
-        return out
-
-    def _download(self, run_id: str, path: str) -> tuple[dict[str, Any], ...]:
-        with tempfile.TemporaryDirectory(prefix="allele-queries-") as tmp:
-            text = Path(self.client.download_artifacts(run_id, path, tmp)).read_text("utf-8")
-        out = []
-        for number, line in enumerate(text.splitlines(), 1):
-            if not line.strip():
-                continue
-            try:
-                rec = json.loads(line)
-            except ValueError:
-                rec = None
-            if isinstance(rec, dict):
-                out.append(rec)
-            else:
-                logger.warning(
-                    "skipping line %d of %s in run %s: not a JSON object", number, path, run_id
-                )
-        return tuple(out)
-
-    def _read_alerts(self, runs: Sequence[Any]) -> dict[str, Alert]:
-        """Alert id -> the alert merged over the chunks of ``runs`` (most occurrences wins)."""
-
-        def read(run: Any) -> list[Alert]:
-            alerts = []
-            for rec in self._records(run, "allele/alerts"):
-                try:
-                    alerts.append(Alert.from_record(rec, (run.info.run_id,)))
-                except (KeyError, TypeError, ValueError) as exc:
-                    logger.warning("skipping a malformed alert in run %s: %r", run.info.run_id, exc)
-            return alerts
-
-        merged: dict[str, Alert] = {}
-        for alert in (a for alerts in self._map(read, list(runs)) for a in alerts):
-            old = merged.get(alert.alert_id)
-            merged[alert.alert_id] = alert if old is None else _merge(old, alert)
-        return merged
-
     def _find(self, alert_id: str) -> tuple[Alert, dict[str, Any]]:
         """The alert and its runs: first among runs active near its time, then everywhere."""
         exps = self._experiments()
@@ -490,37 +237,6 @@ class Queries:
             alert = _merge(alert, again)
             searched.update((r.info.run_id, r) for r in more)
         return alert, {rid: searched[rid] for rid in alert.run_ids}
-
-    def _get_run(self, run_id: str) -> Any:
-        try:
-            return self.client.get_run(run_id)
-        except Exception as exc:
-            if getattr(exc, "error_code", None) != "RESOURCE_DOES_NOT_EXIST":
-                raise
-            return None
-
-    def _refs(self, runs: Iterable[Any], exps: Mapping[str, str] | None = None) -> list[RunRef]:
-        names = dict(exps if exps is not None else self._experiments())
-        refs = []
-        for run in runs:
-            info, tags = run.info, run.data.tags
-            if info.experiment_id not in names:
-                names[info.experiment_id] = self.client.get_experiment(info.experiment_id).name
-            pid = tags.get("allele.pid", "")
-            refs.append(
-                RunRef(
-                    run_id=info.run_id,
-                    run_name=info.run_name or "",
-                    experiment_id=info.experiment_id,
-                    experiment=names[info.experiment_id],
-                    status=info.status,
-                    start_time=info.start_time,
-                    end_time=info.end_time,
-                    host=tags.get("allele.host"),
-                    pid=int(pid) if pid.isdigit() else None,
-                )
-            )
-        return sorted(refs, key=lambda r: (r.start_time or 0, r.run_id))
 
     def _around(
         self, alert: Alert, run: Any, patterns: Sequence[str] | None, window: int

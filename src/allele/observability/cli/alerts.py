@@ -21,14 +21,15 @@ from typing import TYPE_CHECKING, Any, TypeVar
 
 import click
 
-from ..alerts.queries import SEVERITIES, AlertNotFoundError, Queries
+from ..alerts.queries import Queries
+from ..alerts.results import SEVERITIES, AlertNotFoundError
 from ..config import ConfigError
 from .common import handle_errors
 
 if TYPE_CHECKING:
     from collections.abc import Callable, Sequence
 
-    from ..alerts.queries import Alert, AlertContext, Phase
+    from ..alerts.results import Alert, AlertContext, Phase
 
 __all__ = ("alerts", "correlate")
 
