@@ -18,7 +18,8 @@ from typing import TYPE_CHECKING, Any
 from ..alerts.store import prepare_alerts
 from ..sinks.batching import split_batches
 from ..spool.replay import Replayer, ReplayReport, RunMap, record_counts
-from ..spool.segments import Spool, prune
+from ..spool.retention import prune
+from ..spool.segments import Spool
 
 if TYPE_CHECKING:
     from .._core.runs import Run
