@@ -1,4 +1,4 @@
-"""Tests of the disk spool (`allele.observability.spool.segments`) on real files."""
+"""Tests of the disk spool (`allele.observability.spool`) on real files."""
 
 from __future__ import annotations
 
@@ -16,7 +16,10 @@ from pathlib import Path
 
 import pytest
 
-from allele.observability.spool.segments import MAX_RECORD_BYTES, Claim, Spool, prune
+from allele.observability.spool.claims import Claim
+from allele.observability.spool.frames import MAX_RECORD_BYTES
+from allele.observability.spool.retention import prune
+from allele.observability.spool.segments import Spool
 
 DAY = 86400.0
 

@@ -9,18 +9,7 @@ Layout of a spool directory (directories are created with mode 0700, files with 
       replayed/seg-<...>.spool                             delivered; retention deletes them
       dead-letters.jsonl, tracebacks/                      written elsewhere; retention too
 
-A segment is a sequence of frames, with no file header::
-
-    +-----------------+-----------------+------------------------+
-    | length: u32, BE | crc32: u32, BE  | payload: length bytes  |
-    +-----------------+-----------------+------------------------+
-
-``crc32`` is ``zlib.crc32(payload)`` and ``1 <= length < 2**24``. The payload is one record
-as compact ASCII JSON (``allow_nan=True``): NaN and +-inf round-trip exactly, tuples come back
-as lists, non-string dict keys as strings, and reading a file can never execute code. ASCII
-JSON holds no zero byte, while a length field starts with one: after a damaged frame the
-reader tries only offsets that hold a zero byte and resumes at the first whole frame whose
-payload holds no zero byte and matches its CRC. A damaged stretch counts as one corrupt record.
+A segment is a sequence of frames (:mod:`.frames`); replay claims segments (:mod:`.claims`).
 
 Writing: each process appends to a segment of its own, named after its wall-clock creation
 time (kept increasing within a process), the pid and a per-process sequence number; segments
@@ -30,19 +19,13 @@ into place, so a visible segment is locked by its writer from birth until the wr
 it (past ``segment_bytes``, ``close()``, ``claim()``) or dies: the kernel drops the locks of
 a dead process. A forked child closes its copy of the parent's descriptor without unlocking.
 
-Replay: a reader claims a segment with ``flock(LOCK_EX | LOCK_NB)`` and skips it if that
-fails (still being written, or claimed by another reader). The lock decides, not the pid in
-the name: pids are reused. ``Claim.done()`` moves the segment to ``replayed/``;
-``Claim.release(offset)`` leaves it in place and writes the offset of the first undelivered
-record, in ASCII decimal, to ``<segment>.offset`` (through a rename: whole or absent).
-
 What a crash can lose: after ``kill -9``, every record whose ``append`` returned is on disk
 (the kernel holds it); a write cut short by the kill leaves one partial frame at the end,
 which replay skips and counts as corrupt. A power loss also loses what was appended since the
 last ``flush(fsync=True)``. Replay is at-least-once: a crash between delivering records and
 ``done()`` or ``release(offset)`` delivers them again, so the consumer must be idempotent
 (MLflow ignores a re-sent metric with the same timestamp). Empty ``.tmp`` files left by a
-crash during segment creation are removed by :func:`prune`.
+crash during segment creation are removed by :func:`.retention.prune`.
 """
 
 from __future__ import annotations
@@ -50,37 +33,27 @@ from __future__ import annotations
 import contextlib
 import errno
 import fcntl
-import json
 import os
 import re
-import shutil
-import struct
 import threading
 import time
 import weakref
-import zlib
 from pathlib import Path
 from typing import TYPE_CHECKING, Literal, NamedTuple
 
-from ..sinks.deadletter import DEAD_LETTER_FILE
+from .claims import acquire
+from .frames import encode_frame, iter_frames
 
 if TYPE_CHECKING:
     from collections.abc import Iterator
-    from types import TracebackType
 
-    from typing_extensions import Self
+    from .claims import Claim
 
-__all__ = ("MAX_RECORD_BYTES", "Claim", "SegmentInfo", "Spool", "SpoolStatistics", "prune")
+__all__ = ("SegmentInfo", "Spool", "SpoolStatistics")
 
-#: the largest payload of one record (the length's top byte is always zero)
-MAX_RECORD_BYTES = (1 << 24) - 1
 SEGMENTS, REPLAYED, TRACEBACKS = "segments", "replayed", "tracebacks"
-_HEADER = struct.Struct(">II")
 _NAME = re.compile(r"seg-(\d{20})-(\d+)-(\d{6,})\.spool")
-_NONZERO = re.compile(rb"[^\x00]")
 _RESCAN_SECONDS = 1.0
-_encode = json.JSONEncoder(allow_nan=True, separators=(",", ":")).encode
-_decode = json.JSONDecoder().decode
 
 
 class SegmentInfo(NamedTuple):
@@ -188,10 +161,7 @@ class Spool:
             ValueError: the encoded record is larger than ``MAX_RECORD_BYTES``.
             OSError: the write failed (disk full, permissions); no part of the record remains.
         """
-        payload = _encode(record).encode("ascii")
-        if len(payload) > MAX_RECORD_BYTES:
-            raise ValueError(f"record of {len(payload)} bytes exceeds {MAX_RECORD_BYTES}")
-        frame = _HEADER.pack(len(payload), zlib.crc32(payload)) + payload
+        frame = encode_frame(record)
         if self._pid != os.getpid():  # forked without the at-fork hook
             self._after_fork()
         with self._lock:
@@ -303,12 +273,20 @@ class Spool:
         """
         self.close()
         for _, _, _, path, _ in _scan(self._folder):
-            claim = Claim._acquire(self, path)
+            claim = acquire(self, path)
             if claim is not None:
                 yield claim
                 claim.release()
 
-    def _count(self, *, corrupt: int = 0, replayed: int = 0, freed: int = 0) -> None:
+    @property
+    def replayed_folder(self) -> Path:
+        """Where a claim finished with ``done()`` moves its segment (``replayed/``)."""
+        return self.directory / REPLAYED
+
+    def note_claim(self, *, corrupt: int = 0, replayed: int = 0, freed: int = 0) -> None:
+        """
+        Count what a claim found or finished: corrupt stretches, replayed segments, bytes freed.
+        """
         with self._lock:
             self._corrupt += corrupt
             self._replayed += replayed
@@ -316,175 +294,8 @@ class Spool:
                 self._total = max(0, self._total - freed)
 
 
-class Claim:
-    """
-    A live segment locked for replay; a context manager that releases it on exit.
-
-    Attributes:
-        path: the segment file.
-        start: the offset where :meth:`records` starts (the saved resume offset, or 0).
-        position: the offset just past the last record :meth:`records` yielded: pass it to
-            :meth:`release` to stop early after delivering everything yielded so far.
-    """
-
-    def __init__(self, spool: Spool, path: Path, fd: int) -> None:
-        self.path = path
-        self._spool = spool
-        self._fd: int | None = fd
-        self._sidecar = path.with_name(path.name + ".offset")
-        try:
-            self.start = max(0, int(self._sidecar.read_text(encoding="ascii")))
-        except (OSError, ValueError):
-            self.start = 0
-        self.position = self.start
-
-    @classmethod
-    def _acquire(cls, spool: Spool, path: Path) -> Claim | None:
-        """Lock ``path`` if no one else holds it and it is still a live segment."""
-        try:
-            fd = os.open(path, os.O_RDONLY)
-        except FileNotFoundError:
-            return None
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            held, now = os.fstat(fd), os.stat(path)
-            if (held.st_dev, held.st_ino) != (now.st_dev, now.st_ino):
-                raise FileNotFoundError(path)  # noqa: TRY301 - replayed while we waited
-        except (BlockingIOError, FileNotFoundError):
-            os.close(fd)
-            return None
-        return cls(spool, path, fd)
-
-    def records(self) -> Iterator[tuple[int, object]]:
-        """
-        Yield ``(offset, record)`` in order, from :attr:`start` on.
-
-        A damaged stretch (truncated, CRC mismatch, undecodable) is skipped and counted in
-        ``corrupt_records_skipped``; reading resumes at the next whole frame. Corrupt data
-        never raises.
-        """
-        if self._fd is None:
-            raise RuntimeError(f"claim of {self.path} is finished")
-        data = os.pread(self._fd, os.fstat(self._fd).st_size, 0)
-        for offset, payload in _frames(data, self.start if self.start <= len(data) else 0):
-            if payload is not None:
-                try:
-                    record = _decode(payload.decode("ascii"))
-                except (ValueError, RecursionError):
-                    pass
-                else:
-                    self.position = offset + _HEADER.size + len(payload)
-                    yield offset, record
-                    continue
-            self._spool._count(corrupt=1)
-
-    def done(self) -> None:
-        """Everything was delivered: move the segment to ``replayed/`` and release it."""
-        if self._fd is None:
-            raise RuntimeError(f"claim of {self.path} is finished")
-        fd, self._fd = self._fd, None
-        try:
-            size = os.fstat(fd).st_size
-            target = self._spool.directory / REPLAYED / self.path.name
-            target.parent.mkdir(mode=0o700, exist_ok=True)
-            os.rename(self.path, target)
-            os.utime(target)  # retention counts from the replay
-            with contextlib.suppress(FileNotFoundError):
-                os.unlink(self._sidecar)
-        finally:
-            os.close(fd)
-        self._spool._count(replayed=1, freed=size)
-
-    def release(self, resume_offset: int | None = None) -> None:
-        """
-        Keep the segment for a later replay and release it; does nothing once finished.
-
-        Args:
-            resume_offset: the offset (from :meth:`records`) of the first record not
-                delivered: the next replay starts there. None keeps the previous one.
-        """
-        if self._fd is None:
-            return
-        fd, self._fd = self._fd, None
-        try:
-            if resume_offset is not None:
-                if resume_offset < 0:
-                    raise ValueError(f"resume_offset must be >= 0, got {resume_offset}")
-                temporary = self._sidecar.with_name(f".{self._sidecar.name}.tmp")
-                out = os.open(temporary, os.O_CREAT | os.O_TRUNC | os.O_WRONLY, 0o600)
-                try:
-                    os.write(out, b"%d\n" % resume_offset)
-                finally:
-                    os.close(out)
-                os.replace(temporary, self._sidecar)
-        finally:
-            os.close(fd)
-
-    def __del__(self) -> None:
-        if self._fd is not None:  # an abandoned claim must not keep its lock
-            with contextlib.suppress(Exception):
-                os.close(self._fd)
-
-    def __enter__(self) -> Self:
-        return self
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.release()
-
-
-def prune(directory: Path, *, older_than_days: float, now: float | None = None) -> list[Path]:
-    """
-    Delete local files older than the retention limit; live segments are never touched.
-
-    Removes replayed segments, the dead-letter file, entries of ``tracebacks/`` (a folder
-    goes when everything in it is old), and leftover temporary and resume-offset files whose
-    segment is gone.
-
-    Args:
-        directory: the spool directory.
-        older_than_days: remove what was last modified longer ago than this.
-        now: the current time in seconds since the epoch; defaults to ``time.time()``.
-
-    Returns:
-        The paths removed.
-    """
-    if older_than_days < 0:
-        raise ValueError(f"older_than_days must be >= 0, got {older_than_days}")
-    cutoff = (time.time() if now is None else now) - older_than_days * 86400
-    directory = Path(directory)
-    candidates = [*_children(directory / REPLAYED), directory / DEAD_LETTER_FILE]
-    candidates += _children(directory / TRACEBACKS)
-    candidates += [
-        path
-        for path in _children(directory / SEGMENTS)
-        if (path.name.startswith(".") and path.name.endswith(".tmp"))
-        or (path.name.endswith(".spool.offset") and not path.with_suffix("").exists())
-    ]
-    removed = []
-    for path in candidates:
-        try:
-            stamps = [path.lstat().st_mtime]
-            if path.is_dir() and not path.is_symlink():
-                for root, _, files in os.walk(path):
-                    stamps += [os.lstat(os.path.join(root, f)).st_mtime for f in files]
-            if max(stamps) >= cutoff:
-                continue
-            if path.is_dir() and not path.is_symlink():
-                shutil.rmtree(path)
-            else:
-                path.unlink()
-        except FileNotFoundError:
-            continue
-        removed.append(path)
-    return removed
-
-
-def _children(folder: Path) -> list[Path]:
+def children(folder: Path) -> list[Path]:
+    """The entries of ``folder``, sorted; none if it does not exist."""
     try:
         return sorted(folder.iterdir())
     except FileNotFoundError:
@@ -494,7 +305,7 @@ def _children(folder: Path) -> list[Path]:
 def _scan(folder: Path, *, sizes: bool = False) -> list[tuple[int, int, int, Path, int]]:
     """The live segments as ``(time_ns, pid, seq, path, size or -1)``, oldest first."""
     found = []
-    for path in _children(folder):
+    for path in children(folder):
         match = _NAME.fullmatch(path.name)
         if match is not None:
             try:
@@ -514,7 +325,7 @@ def _inspect(folder: Path, active: Path | None, count_records: bool) -> list[Seg
         records = None
         if count_records:
             with contextlib.suppress(FileNotFoundError):
-                records = sum(p is not None for _, p in _frames(path.read_bytes(), 0))
+                records = sum(p is not None for _, p in iter_frames(path.read_bytes(), 0))
         infos.append(SegmentInfo(path, time_ns, pid, seq, size, state, _alive(pid), records))
     return infos
 
@@ -544,42 +355,3 @@ def _alive(pid: int) -> bool:
     except (ProcessLookupError, OverflowError, ValueError):
         return False
     return pid > 0
-
-
-def _frames(data: bytes, pos: int) -> Iterator[tuple[int, bytes | None]]:
-    """Yield ``(offset, payload)`` per whole frame and ``(offset, None)`` per damaged stretch."""
-    while pos < len(data):
-        end = _frame_end(data, pos)
-        if end > 0:
-            yield pos, data[pos + _HEADER.size : end]
-            pos = end
-            continue
-        yield pos, None
-        pos = _resync(data, pos + 1)
-
-
-def _resync(data: bytes, pos: int) -> int:
-    """The offset of the next whole frame from ``pos`` on, else ``len(data)``."""
-    while (zero := data.find(b"\x00", pos)) >= 0:
-        nonzero = _NONZERO.search(data, zero)
-        if nonzero is None:
-            break
-        # a frame starts with a zero byte and has a nonzero byte among the next three
-        for start in range(max(zero, nonzero.start() - 3), nonzero.start()):
-            if _frame_end(data, start) > 0:
-                return start
-        pos = nonzero.start() + 1
-    return len(data)
-
-
-def _frame_end(data: bytes, pos: int) -> int:
-    """The end offset of a whole frame with a matching CRC at ``pos``, else -1."""
-    if pos + _HEADER.size > len(data):
-        return -1
-    length, crc = _HEADER.unpack_from(data, pos)
-    end = pos + _HEADER.size + length
-    if not 0 < length <= MAX_RECORD_BYTES or end > len(data):
-        return -1
-    if data.find(b"\x00", pos + _HEADER.size, end) >= 0:  # cheap: rejects most garbage
-        return -1
-    return end if zlib.crc32(memoryview(data)[pos + _HEADER.size : end]) == crc else -1
