@@ -28,17 +28,17 @@ from typing import TYPE_CHECKING, Any
 
 from .reading import MlflowReader
 from .results import (
-    _PHASE_FIELDS,
+    PHASE_FIELDS,
     SEVERITIES,
     Alert,
     AlertContext,
     AlertNotFoundError,
     Phase,
     RunRef,
-    _merge,
-    _quote,
-    _severities,
-    _to_ms,
+    merge_alerts,
+    parse_severities,
+    quote_filter_value,
+    to_ms,
 )
 
 if TYPE_CHECKING:
@@ -109,8 +109,8 @@ class Queries(MlflowReader):
             since: datetime or epoch seconds; drops alerts last seen before it.
             until: datetime or epoch seconds; drops alerts first seen after it.
         """
-        wanted = _severities(severity)
-        lo, hi = _to_ms(since, "since"), _to_ms(until, "until")
+        wanted = parse_severities(severity)
+        lo, hi = to_ms(since, "since"), to_ms(until, "until")
         if run_id is not None:
             runs = [self.client.get_run(run_id)]
         else:
@@ -151,11 +151,11 @@ class Queries(MlflowReader):
         epoch seconds), by start time: started at or before it and ended at or after it
         or still RUNNING; only runs tagged ``allele.host`` = ``host`` when it is given.
         """
-        ms = _to_ms(timestamp, "timestamp")
+        ms = to_ms(timestamp, "timestamp")
         assert ms is not None
         where = f"attributes.start_time <= {math.floor(ms)}"
         if host is not None:
-            where += f" and tags.`allele.host` = {_quote(host)}"
+            where += f" and tags.`allele.host` = {quote_filter_value(host)}"
         exps = self._experiments()
         ended = self._search(exps, f"{where} and attributes.end_time >= {math.ceil(ms)}")
         running = self._search(exps, f"{where} and attributes.status = 'RUNNING'")
@@ -201,7 +201,7 @@ class Queries(MlflowReader):
                 "path": tuple(rec.get("path") or (name,)),
                 "run_id": rec.get("run_id") or run_id,
             }
-            p = Phase(**{f: rec.get(f) for f in _PHASE_FIELDS} | fixed)
+            p = Phase(**{f: rec.get(f) for f in PHASE_FIELDS} | fixed)
             key = p.span_id or (p.path, p.start_time)
             if key not in merged or p.end_time is not None or merged[key].end_time is None:
                 merged[key] = p
@@ -234,7 +234,7 @@ class Queries(MlflowReader):
         missing = {alert.run_id, *alert.correlated_run_ids} - {None, *searched}
         more = [r for r in map(self._get_run, sorted(filter(None, missing))) if r is not None]
         if more and (again := self._read_alerts(more).get(alert_id)) is not None:
-            alert = _merge(alert, again)
+            alert = merge_alerts(alert, again)
             searched.update((r.info.run_id, r) for r in more)
         return alert, {rid: searched[rid] for rid in alert.run_ids}
 

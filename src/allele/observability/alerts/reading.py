@@ -18,7 +18,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar
 
-from .results import Alert, RunRef, _merge
+from .results import Alert, RunRef, merge_alerts
 
 if TYPE_CHECKING:
     from collections.abc import Callable, Iterable, Mapping, Sequence
@@ -155,7 +155,7 @@ class MlflowReader:
         merged: dict[str, Alert] = {}
         for alert in (a for alerts in self._map(read, list(runs)) for a in alerts):
             old = merged.get(alert.alert_id)
-            merged[alert.alert_id] = alert if old is None else _merge(old, alert)
+            merged[alert.alert_id] = alert if old is None else merge_alerts(old, alert)
         return merged
 
     def _get_run(self, run_id: str) -> Any:

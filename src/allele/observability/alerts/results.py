@@ -15,18 +15,23 @@ import datetime as dt
 import math
 from typing import TYPE_CHECKING, Any
 
-from .emit import SEVERITIES
+from .record import SEVERITIES
 
 if TYPE_CHECKING:
     from collections.abc import Iterable, Mapping
 
 __all__ = (
+    "PHASE_FIELDS",
     "SEVERITIES",
     "Alert",
     "AlertContext",
     "AlertNotFoundError",
     "Phase",
     "RunRef",
+    "merge_alerts",
+    "parse_severities",
+    "quote_filter_value",
+    "to_ms",
 )
 
 
@@ -113,7 +118,7 @@ class Phase:
     run_id: str | None
 
 
-_PHASE_FIELDS = tuple(f.name for f in dataclasses.fields(Phase))
+PHASE_FIELDS = tuple(f.name for f in dataclasses.fields(Phase))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -147,7 +152,8 @@ class AlertContext:
     window: int
 
 
-def _to_ms(value: Any, field: str) -> float | None:
+def to_ms(value: Any, field: str) -> float | None:
+    """A time given as seconds, a datetime or None, in ms since the epoch (``field`` names it)."""
     if value is None:
         return None
     if isinstance(value, dt.datetime):
@@ -157,7 +163,8 @@ def _to_ms(value: Any, field: str) -> float | None:
     raise TypeError(f"{field} must be a datetime or epoch seconds, got {value!r}")
 
 
-def _severities(severity: str | Iterable[str] | None) -> frozenset[str] | None:
+def parse_severities(severity: str | Iterable[str] | None) -> frozenset[str] | None:
+    """The severities to keep (None: all); an unknown one is a ValueError."""
     if severity is None:
         return None
     wanted = frozenset([severity] if isinstance(severity, str) else severity)
@@ -166,13 +173,14 @@ def _severities(severity: str | Iterable[str] | None) -> frozenset[str] | None:
     return wanted
 
 
-def _quote(value: str) -> str:
+def quote_filter_value(value: str) -> str:
+    """``value`` quoted for an MLflow search filter."""
     if "'" in value:
         raise ValueError(f"{value!r} cannot be used in an MLflow filter")
     return f"'{value}'"
 
 
-def _merge(a: Alert, b: Alert) -> Alert:
+def merge_alerts(a: Alert, b: Alert) -> Alert:
     """Two records of one alert: the one with more occurrences (else ``b``), all run ids."""
     best = a if (a.occurrences, a.last_time) > (b.occurrences, b.last_time) else b
     return dataclasses.replace(best, run_ids=tuple(sorted({*a.run_ids, *b.run_ids})))

@@ -103,7 +103,8 @@ class Exporter:
         self._finished = threading.Event()
         #: the thread running the loop (flush() must not block it)
         self.loop_thread: int | None = None
-        self._tighten: Callable[[], None] = _nop
+        #: cuts the store call in flight to the stop deadline (thread-safe once the loop runs)
+        self._tighten: Callable[[], None] = self._call.tighten
 
     # -- lifecycle (any thread) -------------------------------------------------------------
     @property
@@ -317,7 +318,3 @@ class Exporter:
         self._health.succeeded()
         if self._spooler.own_pending and self._health.state != "recovering":
             self._health.recovering()
-
-
-def _nop() -> None:
-    pass
