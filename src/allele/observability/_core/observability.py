@@ -12,7 +12,6 @@ the hot path); the methods of the class document them and are what type checkers
 
 from __future__ import annotations
 
-import logging
 import sys
 import time
 from typing import TYPE_CHECKING, Any
@@ -52,8 +51,6 @@ if TYPE_CHECKING:
     from .runs import RunScope
 
 __all__ = ("Observability",)
-
-logger = logging.getLogger("allele.observability")
 
 
 class Observability:
@@ -118,6 +115,7 @@ class Observability:
         self._queries: Queries | None = None
         self._genomes: GenomeRegistry | None = None
         self._closed = self._child = False
+        self.phase = self._phases.phase  # type: ignore[method-assign]
         if settings.enabled:
             for name in ("metric", "metrics", "step", "param", "params", "tag", "artifact"):
                 setattr(self, name, getattr(self._bus, name))
