@@ -11,7 +11,7 @@ from typing import Any
 
 import pytest
 
-from allele.observability import Observability
+from allele.observability import Observability, Run
 
 
 def _history(client: Any, run_id: str, key: str) -> list[tuple[int, float]]:
@@ -68,14 +68,14 @@ def test_four_threads_100k_metrics_exactly_once(
 ) -> None:
     """100k metrics from 4 threads in 4 runs: each lands exactly once; stats agree."""
     obs = make_obs(delivery_process=True)
-    run_ids: dict[int, str | None] = {}
+    runs: dict[int, Run] = {}
     per_thread = 25_000
 
     def work(t: int) -> None:
         with obs.run(f"thread-{t}", experiment="threads") as run:
             for i in range(per_thread):
                 obs.metric("v", float(t * per_thread + i), step=i)
-        run_ids[t] = run.run_id
+        runs[t] = run
 
     with obs:
         threads = [threading.Thread(target=work, args=(t,)) for t in range(4)]
@@ -86,7 +86,11 @@ def test_four_threads_100k_metrics_exactly_once(
         assert obs.flush(120)
         stats = obs.stats()
 
-    for t, run_id in run_ids.items():
+    assert [0, 1, 2, 3] == sorted(runs)
+    for t, run in runs.items():
+        # read after the flush: how soon a run is created depends on the machine (the
+        # delivery worker process starts on first use), and tests assert no timings
+        run_id = run.run_id
         assert run_id is not None
         expected = [(i, float(t * per_thread + i)) for i in range(per_thread)]
         assert expected == _history(client, run_id, "v")
