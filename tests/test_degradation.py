@@ -319,6 +319,75 @@ def test_forked_pool_children_log_into_the_parents_run(store_uri: str, client: A
     assert client.get_run(run.run_id).info.status == "FINISHED"
 
 
+def _child_terminated_while_counting() -> None:
+    from allele.observability._core.accounting import Accounting
+
+    obs = _OBS[0]
+    for i in range(5):
+        obs.metric("late", float(i), step=i)
+    statistics = Accounting.statistics
+
+    def terminated_inside(self: Accounting, *args: Any, **kwargs: Any) -> Any:
+        with self.lock:  # the SIGTERM handler runs here, with the lock held
+            os.kill(os.getpid(), signal.SIGTERM)
+        return statistics(self, *args, **kwargs)
+
+    Accounting.statistics = terminated_inside  # type: ignore[method-assign]
+    # returning ends the process: multiprocessing runs the at-exit delivery, which counts
+    # the pending events (stats()) first
+
+
+def test_sigterm_while_a_forked_child_counts_at_exit_loses_nothing(
+    store_uri: str, client: Any
+) -> None:
+    """
+    A pool worker terminated while its at-exit delivery counts what is pending (under the
+    accounting lock the exporter needs) neither deadlocks nor dies: it delivers everything.
+    """
+    obs = Observability.from_env(tracking_uri=store_uri, delivery_process=False)
+    _OBS[:] = [obs]
+    ctx = multiprocessing.get_context("fork")
+    with obs, obs.run("term", experiment="fork") as run:
+        assert run.run_id is not None
+        child = ctx.Process(target=_child_terminated_while_counting)
+        child.start()
+        child.join(60)
+    _OBS.clear()
+
+    assert 0 == child.exitcode
+    assert [(i, float(i)) for i in range(5)] == _history(client, run.run_id, "late")
+
+
+def _child_engine_is_fresh(conn: Any, uri: str, parent_pool: int) -> None:
+    from mlflow.store.tracking.sqlalchemy_store import SqlAlchemyStore
+
+    conn.send(id(SqlAlchemyStore._engine_map[uri].pool) != parent_pool)
+
+
+def test_forked_child_gets_its_own_database_pool(store_uri: str) -> None:
+    """
+    MLflow caches one SQLAlchemy engine per database; a forked child must not use the
+    parent's pool (its connections, or its lock held mid-call by the parent's exporter).
+    """
+    from mlflow.store.tracking.sqlalchemy_store import SqlAlchemyStore
+
+    from allele.observability.backends.client import ClientBackend
+
+    backend = ClientBackend(store_uri)
+    backend.ensure_experiment("pool", None)
+    parent_pool = id(SqlAlchemyStore._engine_map[store_uri].pool)
+    ctx = multiprocessing.get_context("fork")
+    receive, send = ctx.Pipe(duplex=False)
+    child = ctx.Process(target=_child_engine_is_fresh, args=(send, store_uri, parent_pool))
+    child.start()
+    fresh = receive.recv() if receive.poll(30) else None
+    child.join(30)
+    backend.close()
+
+    assert fresh is True
+    assert parent_pool == id(SqlAlchemyStore._engine_map[store_uri].pool)
+
+
 def test_killed_delivery_worker_is_replaced_and_nothing_is_lost(
     store_uri: str, client: Any
 ) -> None:

@@ -340,13 +340,19 @@ class Observability:
         return self._closed
 
     def _close_at_exit(self) -> None:
-        if not self._closed:
+        if self._closed:
+            return
+        # From here on a SIGTERM (a terminated pool worker) leaves this delivery alone: its
+        # handler would otherwise run inside stats(), under the lock the exporter needs.
+        self._runtime.closing = True
+        try:
             pending = self.stats().total.pending
             if pending:
                 sys.stderr.write(
                     f"allele-observability: delivering {pending} pending events "
                     f"(at most {self.settings.shutdown_timeout:g} s)\n"
                 )
+        finally:
             self.close()
 
     def _after_fork(self) -> None:

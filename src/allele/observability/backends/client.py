@@ -2,13 +2,24 @@
 Delivery through ``mlflow.MlflowClient``: any store MLflow supports.
 
 This is the reference backend. For database stores it runs inside a worker process
-(:mod:`._process`), so SQLAlchemy's ~100 us of CPU per metric is not taken from the
-experiment; for http(s) stores :mod:`._rest` speaks the REST API directly and uses this
+(:mod:`.process`), so SQLAlchemy's ~100 us of CPU per metric is not taken from the
+experiment; for http(s) stores :mod:`.rest` speaks the REST API directly and uses this
 backend for artifacts only. MLflow is imported lazily, here and nowhere else.
+
+Fork safety: MLflow caches one SQLAlchemy engine per database URI in class attributes of
+its stores. A forked child (a ``multiprocessing`` worker) inherits them with the parent's
+connection pool, possibly in the middle of a call the parent's exporter was making, and
+would share its connections or wait forever on its pool's lock. In the child, every such
+engine gets a fresh pool (``Engine.dispose(close=False)``, SQLAlchemy's recipe for forked
+processes: the parent's connections are left alone) and the cache's lock is replaced.
 """
 
 from __future__ import annotations
 
+import contextlib
+import os
+import sys
+import threading
 from typing import TYPE_CHECKING, Any
 
 from .base import DeliveryError, MetricRow, ParamRow, TagRow
@@ -17,6 +28,31 @@ if TYPE_CHECKING:
     from collections.abc import Sequence
 
 __all__ = ("ClientBackend", "classify_exception")
+
+#: MLflow's store classes that cache an engine per database URI (``_engine_map``)
+_ENGINE_CACHES = (
+    ("mlflow.store.tracking.sqlalchemy_store", "SqlAlchemyStore"),
+    ("mlflow.store.model_registry.sqlalchemy_store", "SqlAlchemyStore"),
+    ("mlflow.store.jobs.sqlalchemy_store", "SqlAlchemyJobStore"),
+)
+
+
+def _fresh_engines_in_child() -> None:
+    """In a forked child: new pools for MLflow's cached engines (see the module docs)."""
+    for module_name, class_name in _ENGINE_CACHES:
+        store = getattr(sys.modules.get(module_name), class_name, None)
+        engines = getattr(store, "_engine_map", None)
+        if not isinstance(engines, dict):
+            continue
+        for engine in list(engines.values()):
+            with contextlib.suppress(Exception):
+                engine.dispose(close=False)
+        if hasattr(store, "_engine_map_lock"):
+            setattr(store, "_engine_map_lock", threading.Lock())  # noqa: B010 - MLflow's private
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_fresh_engines_in_child)
 
 #: MLflow error codes that mean "this request can never succeed as it is"
 _REJECTED_CODES = frozenset(
