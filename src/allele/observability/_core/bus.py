@@ -31,7 +31,7 @@ if TYPE_CHECKING:
     from ..config import SamplingRule, Settings
     from ..exporter.source import ControlEvent, MetricEvent
     from .accounting import Accounting
-    from .runs import Run, RunRegistry
+    from .runs import Run
 
 __all__ = ("Bus", "nop")
 
@@ -61,7 +61,6 @@ class Bus:
     Args:
         settings: the effective settings (lane sizes, sampling, overflow).
         accounting: the counters shared with the exporter.
-        runs: the process's runs (metric events name their run by key).
         fallback: the run for an event emitted outside any run (the default or automatic
             run), or None after counting the event (given by kind) as dropped.
     """
@@ -70,11 +69,9 @@ class Bus:
         self,
         settings: Settings,
         accounting: Accounting,
-        runs: RunRegistry,
         fallback: Callable[[str | None], Run | None],
     ) -> None:
         self._settings = settings
-        self._runs = runs
         self._fallback = fallback
         self._data_cap = settings.queue_size
         self._ctrl_cap = max(1000, settings.queue_size // 10)

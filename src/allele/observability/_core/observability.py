@@ -95,7 +95,7 @@ class Observability:
             alert=self._alert,
             closed=self._is_closed,
         )
-        self._bus = Bus(settings, self._acct, self._runs, self._tracker.fallback)
+        self._bus = Bus(settings, self._acct, self._tracker.fallback)
         self._tracker.attach(self._bus)
         self._alerter = Alerter(
             settings.alert_dedupe_window,
