@@ -10,6 +10,12 @@ neither: the facade makes it and hands it to both. Producers count with
 :class:`AtomicCounter` (``itertools.count`` advances atomically under the GIL, so no lock
 and no lost updates); the exporter counts outcomes under :attr:`Accounting.lock`, which
 ``statistics()`` takes too, so a snapshot is consistent.
+
+Nothing is derived as a remainder: ``pending`` is *measured* (the events in the lanes,
+held by samplers, and in the exporter's backlogs, counted where they are), so the identity
+is a check that fails when an event is lost without being counted. The exporter moves
+events between places and outcome columns under :attr:`Accounting.lock` (re-entrant), so
+a snapshot never sees one in two places or in none.
 """
 
 from __future__ import annotations
@@ -26,6 +32,7 @@ if TYPE_CHECKING:
 __all__ = (
     "KINDS",
     "OUTCOMES",
+    "UNDRAINED",
     "Accounting",
     "AtomicCounter",
     "KindStatistics",
@@ -36,6 +43,9 @@ __all__ = (
 KINDS = ("metric", "param", "tag", "run", "artifact", "alert", "phase", "genome", "system")
 #: what the exporter resolves an event to
 OUTCOMES = ("delivered", "dropped", "dead_lettered", "spooled")
+#: key of :meth:`Accounting.statistics`' measured counts: metrics not drained yet (in the
+#: lane or held by a sampler); they are in ``"metric"`` as well
+UNDRAINED = "metric_undrained"
 #: reasons the bus drops an event for, on the producer's side
 PRODUCER_DROP_REASONS = ("queue_full", "no_run", "closed")
 
@@ -112,6 +122,8 @@ class Statistics(NamedTuple):
     failures: dict[str, int]
     #: events from earlier processes' spools that this one replayed (not in the columns)
     replayed: int = 0
+    #: times the exporter's loop failed and was restarted (supervision), since the start
+    restarts: int = 0
 
     @property
     def total(self) -> KindStatistics:
@@ -138,7 +150,8 @@ class Accounting:
     """
 
     def __init__(self) -> None:
-        self.lock = threading.Lock()
+        #: re-entrant: the exporter moves events and counts them in one critical section
+        self.lock = threading.RLock()
         self.emitted = {k: AtomicCounter() for k in KINDS}
         self.dropped = {k: AtomicCounter() for k in KINDS}
         self.sampled_out = AtomicCounter()
@@ -150,6 +163,7 @@ class Accounting:
         self.failures: dict[str, int] = {}
         self.lost: dict[str, int] = {}
         self.replayed = 0
+        self.restarts = 0
 
     # -- producer side ------------------------------------------------------------------
     def drop(self, kind: str, reason: str) -> None:
@@ -159,12 +173,13 @@ class Accounting:
         self.drop_reasons[reason].inc()
 
     # -- exporter side ------------------------------------------------------------------
-    def count(self, run: Run, kind: str, outcome: str, n: int) -> None:
-        """Resolve ``n`` events of ``kind`` of ``run`` to ``outcome``."""
+    def count(self, run: Run | None, kind: str, outcome: str, n: int) -> None:
+        """Resolve ``n`` events of ``kind`` of ``run`` (None: unknown) to ``outcome``."""
         if n:
             with self.lock:
                 self.outcomes[outcome][kind] += n
-                _add(run.acct, outcome, n)
+                if run is not None:
+                    _add(run.acct, outcome, n)
 
     def move(self, run: Run, kind: str, src: str, dst: str, n: int) -> None:
         """Move ``n`` events of ``kind`` from one outcome to another (spooled -> delivered)."""
@@ -185,6 +200,11 @@ class Accounting:
         """Count one failed export attempt."""
         with self.lock:
             self.failures[reason] = self.failures.get(reason, 0) + 1
+
+    def restarted(self) -> None:
+        """Count one restart of the exporter's loop after a failure."""
+        with self.lock:
+            self.restarts += 1
 
     def foreign_replayed(self, n: int) -> None:
         """Count events of other processes' spools that this process delivered."""
@@ -229,18 +249,19 @@ class Accounting:
         ]
 
     # -- the snapshot -------------------------------------------------------------------
-    def statistics(self, lane_length: Callable[[], int], held: int, state: str) -> Statistics:
+    def statistics(self, pending: Callable[[], dict[str, int]], state: str) -> Statistics:
         """
-        A consistent snapshot. ``lane_length`` is read under the lock the exporter drains
-        under; ``held`` counts the points sampling holds back; ``state`` is the exporter's.
+        A consistent snapshot. ``pending`` measures, per kind, the events still in the
+        lanes, held by samplers or in the exporter's backlogs; it is called under the lock
+        the exporter moves events under. ``state`` is the exporter's.
         """
         with self.lock:
             drained = dict(self.drained)
             outcomes = {o: dict(v) for o, v in self.outcomes.items()}
             failures = dict(self.failures)
             lost = dict(self.lost)
-            replayed = self.replayed
-            data_len = lane_length()
+            replayed, restarts = self.replayed, self.restarts
+            where = pending()
         sampled = self.sampled_out.value
         per_kind = {}
         for k in KINDS:
@@ -249,33 +270,35 @@ class Accounting:
             spooled = outcomes["spooled"][k]
             dropped_hot = self.dropped[k].value
             dropped = dropped_hot + outcomes["dropped"][k]
-            resolved = delivered + dead + spooled + outcomes["dropped"][k]
+            waiting = where.get(k, 0)
             if k == "metric":
-                # Every accepted metric is in the lane, drained, held by a sampler, sampled
-                # out or dropped (no_run, closed, full).
-                pending = drained[k] - resolved + data_len + held
-                emitted = drained[k] + data_len + held + sampled + dropped_hot
+                # Metrics are not counted on the hot path: an accepted one was drained, or
+                # is still in the lane or held by a sampler (both in ``waiting``).
+                emitted = drained[k] + where.get(UNDRAINED, 0) + sampled + dropped_hot
                 per_kind[k] = KindStatistics(
-                    emitted, delivered, sampled, dropped, dead, spooled, pending
+                    emitted, delivered, sampled, dropped, dead, spooled, waiting
                 )
             elif k == "system":
                 per_kind[k] = KindStatistics(
-                    drained[k], delivered, 0, dropped, dead, spooled, drained[k] - resolved
+                    drained[k], delivered, 0, dropped, dead, spooled, waiting
                 )
             else:
-                emitted = self.emitted[k].value
                 # Alerts folded into an earlier identical one count as sampled out; their
                 # number is in that record's `occurrences`.
                 folded = self.folded.value if k == "alert" else 0
-                pending = emitted - dropped_hot - resolved - folded
                 per_kind[k] = KindStatistics(
-                    emitted, delivered, folded, dropped, dead, spooled, pending
+                    self.emitted[k].value, delivered, folded, dropped, dead, spooled, waiting
                 )
         reasons = {r: c.value for r, c in self.drop_reasons.items() if c.value}
         for r, n in lost.items():
             reasons[r] = reasons.get(r, 0) + n
         return Statistics(
-            **per_kind, state=state, drop_reasons=reasons, failures=failures, replayed=replayed
+            **per_kind,
+            state=state,
+            drop_reasons=reasons,
+            failures=failures,
+            replayed=replayed,
+            restarts=restarts,
         )
 
 

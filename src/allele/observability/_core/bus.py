@@ -23,6 +23,7 @@ from collections.abc import Callable, Mapping
 from datetime import datetime
 from typing import TYPE_CHECKING, Any
 
+from .accounting import UNDRAINED
 from .context import CURRENT_RUN
 from .names import MAX_PARAM_VALUE_LENGTH, MAX_TAG_VALUE_LENGTH, as_text, sanitize_key
 from .sampling import keep, take_held
@@ -264,6 +265,22 @@ class Bus:
     def lane_length(self) -> int:
         """Metrics waiting in the data lane."""
         return len(self._data)
+
+    def waiting(self, held: int) -> dict[str, int]:
+        """
+        The events waiting in the lanes per kind, measured (plus ``held``, the metrics
+        samplers hold back; ``UNDRAINED`` repeats the metrics).
+        """
+        counts = {"metric": len(self._data) + held}
+        counts[UNDRAINED] = counts["metric"]
+        for event in tuple(self._ctrl):  # one C call: atomic under the GIL
+            name = event[0]
+            kind = "run" if name in ("run_start", "run_end") else name
+            counts[kind] = counts.get(kind, 0) + 1
+            if name == "run_start":  # it carries the run's first tags and params
+                counts["tag"] = counts.get("tag", 0) + len(event[2])
+                counts["param"] = counts.get("param", 0) + len(event[3])
+        return counts
 
     def connect(self, wake: Callable[[], None] | None) -> None:
         """Give producers a way to wake the exporter (None: the exporter has stopped)."""

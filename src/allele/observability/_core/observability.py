@@ -22,6 +22,7 @@ from ..backends.factory import make_backend
 from ..config import Settings, load_settings
 from ..exporter.loop import Exporter
 from ..sources.detectors import detectors_from_setting
+from ..sources.detectors.base import run_isolated
 from .accounting import Accounting
 from .bus import Bus
 from .emitters import closed_emitters, disabled_emitters
@@ -402,20 +403,28 @@ class Observability:
 
     # -- what the parts hand back --------------------------------------------------------
     def _after_drain(self, items: list[MetricEvent]) -> None:
-        """Each export round, in the exporter: detectors, and names that were sanitised."""
+        """
+        Each export round, in the exporter: detectors, and names that were sanitised. A
+        detector that raises is removed (one warning with its traceback); the others and
+        the round go on.
+        """
         if self._detectors and items:
-            self._alerter.detect(self._detectors, items, self._runs.get)
+            detect, run_of = self._alerter.detect, self._runs.get
+            run_isolated(self._detectors, lambda d: detect((d,), items, run_of))
         self._bus.report_sanitized()
 
     # -- reading back -----------------------------------------------------------------------
     def stats(self) -> Statistics:
-        """
-        A consistent snapshot: per kind, emitted = delivered + sampled_out + dropped +
-        dead_lettered + spooled + pending.
-        """
+        """A consistent snapshot; per kind, emitted = the sum of the outcome columns."""
+        self._runtime.check()
         state = self._runtime.state() if self.settings.enabled else "disabled"
-        held = held_count(self._runs.open_runs())
-        return self._acct.statistics(self._bus.lane_length, held, state)
+        runs, bus, exporter = self._runs.open_runs(), self._bus, self._runtime.exporter
+
+        def waiting() -> dict[str, int]:  # under the lock the exporter moves events under
+            counts = bus.waiting(held_count(runs))
+            return counts if exporter is None else exporter.waiting(counts)
+
+        return self._acct.statistics(waiting, state)
 
     @property
     def queries(self) -> Queries:

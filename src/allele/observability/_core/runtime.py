@@ -76,8 +76,15 @@ class ExporterRuntime:
             return "idle"
         return exp.state if exp.alive else "closed"
 
+    def check(self) -> None:
+        """Restart the exporter's thread if it ended while not asked to stop (supervision)."""
+        exp = self.exporter
+        if exp is not None and not self.closing:
+            exp.revive()
+
     def flush(self, timeout: float | None) -> bool:
         """Deliver everything emitted so far, waiting at most ``timeout`` seconds."""
+        self.check()
         exp = self.exporter
         if exp is None or not exp.alive:
             return self._lanes_empty()
@@ -86,8 +93,8 @@ class ExporterRuntime:
                 "flush() would block the event loop the exporter runs in; "
                 "use `await obs.aflush()` inside `async with obs`"
             )
-        ticket = exp.request_flush()
         wait = self._settings.shutdown_timeout if timeout is None else timeout
+        ticket = exp.request_flush(time.monotonic() + wait)
         return ticket.done.wait(wait) and ticket.ok
 
     async def aflush(self, timeout: float | None) -> bool:  # noqa: ASYNC109 - mirrors flush()
@@ -95,8 +102,8 @@ class ExporterRuntime:
         exp = self.exporter
         if exp is None or not exp.alive:
             return self._lanes_empty()
-        ticket = exp.request_flush()
         wait = self._settings.shutdown_timeout if timeout is None else timeout
+        ticket = exp.request_flush(time.monotonic() + wait)
         with anyio.move_on_after(wait):
             while not ticket.done.is_set():  # noqa: ASYNC110 - set from the exporter's thread
                 await anyio.sleep(0.005)

@@ -19,6 +19,7 @@ retries the batch rather than losing it.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import pickle
 import select
@@ -39,6 +40,8 @@ __all__ = ("ProcessBackend",)
 _HEADER = struct.Struct("!I")
 #: seconds the worker may take to start, import MLflow and migrate a new sqlite store
 STARTUP_TIMEOUT = 120.0
+#: seconds close() waits for a call in flight before it kills the worker under it
+CLOSE_WAIT = 0.5
 
 
 def _read_exact(fd: int, n: int, deadline: float | None) -> bytes:
@@ -142,6 +145,19 @@ class ProcessBackend:
         assert isinstance(value, DeliveryError)
         raise value
 
+    def start(self) -> None:
+        """
+        Start the worker now, within ``STARTUP_TIMEOUT`` (importing MLflow and opening,
+        perhaps migrating, the store take seconds): the first store call is then bounded
+        by ``timeout`` like every other.
+        """
+        with self._lock:
+            if self._pid != os.getpid():
+                self._proc, self._pid = None, os.getpid()
+            if self._proc is None or self._proc.poll() is not None:
+                self._kill()
+                self._spawn()
+
     def _call(self, method: str, *args: Any, **kwargs: Any) -> Any:
         with self._lock:
             if self._pid != os.getpid():  # forked: the pipes belong to the parent
@@ -191,8 +207,18 @@ class ProcessBackend:
         self._call("log_artifact", run_id, local_path, artifact_path)
 
     def close(self) -> None:
-        """Stop the worker: close its stdin, wait briefly, then kill it."""
-        with self._lock:
+        """
+        Stop the worker: close its stdin, wait briefly, then kill it. If a call (or the
+        start) abandoned at a deadline still holds the worker, it is killed under it: the
+        call then fails, and close never waits for it.
+        """
+        if not self._lock.acquire(timeout=CLOSE_WAIT):
+            proc = self._proc
+            if proc is not None and self._pid == os.getpid():
+                with contextlib.suppress(OSError):
+                    proc.kill()
+            return
+        try:
             proc = self._proc
             if proc is None or self._pid != os.getpid():
                 self._proc = None
@@ -204,6 +230,8 @@ class ProcessBackend:
             except (OSError, subprocess.TimeoutExpired):
                 pass
             self._kill()
+        finally:
+            self._lock.release()
 
 
 def _serve(uri: str) -> None:

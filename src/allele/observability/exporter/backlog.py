@@ -23,7 +23,7 @@ from .._core.accounting import Accounting
 from ..alerts.store import COPY, PRIMARY, UPDATE, AlertChunk
 
 if TYPE_CHECKING:
-    from collections.abc import Callable
+    from collections.abc import Callable, Container
 
     from .._core.runs import Run
     from ..alerts.record import AlertRecord
@@ -139,53 +139,78 @@ class Router:
             b = self.backlogs[run] = Backlog(run.key in self._seen_start)
         return b
 
+    def waiting(self, counts: dict[str, int], start_spooled: Container[str]) -> None:
+        """
+        Add the events held in the backlogs to ``counts`` (per kind). A run's start is
+        held until the run is created, unless it went to the spool (``start_spooled``).
+        """
+        for run, b in list(self.backlogs.items()):  # one C call: atomic under the GIL
+            for kind, n in b.counts().items():
+                counts[kind] = counts.get(kind, 0) + n
+            if b.started and run.created_id is None and run.key not in start_spooled:
+                counts["run"] = counts.get("run", 0) + 1
+
     def pending(self) -> bool:
         """Whether any run still owes the store something."""
         return any(not b.empty() or b.end is not None for b in self.backlogs.values())
 
-    def route(
-        self, events: list[ControlEvent], items: list[MetricEvent], run_of: Callable[[str], Run]
+    def route_event(self, ev: ControlEvent) -> None:
+        """Sort one control event into its run's backlog."""
+        kind, run = ev[0], ev[1]
+        if kind == "alert":
+            self._route_alert(ev[2])
+            return
+        b = self.backlog(run)
+        if kind == "run_start":
+            params, tags = ev[3].items(), ev[2].items()
+            b.started = True
+            self._seen_start.add(run.key)
+            b.params.extend(params)
+            b.tags.extend(tags)
+            Accounting.received(run, 1 + len(params) + len(tags))
+            return
+        if kind == "param":
+            b.params.append((ev[2], ev[3]))
+        elif kind == "tag":
+            b.tags.append((ev[2], ev[3]))
+        elif kind == "artifact":
+            b.artifacts.append((ev[2], ev[3]))
+        elif kind == "run_end":
+            b.end = (ev[2], ev[3])
+        elif kind == "phase":
+            b.phases.append(ev[2])
+        elif kind == "genome":
+            b.genomes.append(ev[2])
+        else:
+            raise ValueError(f"unknown control event {kind!r}")
+        Accounting.received(run, 1)
+
+    def route_metrics(
+        self,
+        items: list[MetricEvent],
+        run_of: Callable[[str], Run],
+        reject: Callable[[MetricEvent, Exception], None],
     ) -> None:
-        """Sort control events, then metrics, into their runs' backlogs."""
+        """Sort metrics into their runs' backlogs; one that cannot be goes to ``reject``."""
         received = Accounting.received
-        for ev in events:
-            kind, run = ev[0], ev[1]
-            if kind == "alert":
-                self._route_alert(ev[2])
-                continue
-            b = self.backlog(run)
-            received(run, 1)
-            if kind == "run_start":
-                b.started = True
-                self._seen_start.add(run.key)
-                received(run, len(ev[3]) + len(ev[2]))
-                b.params.extend(ev[3].items())
-                b.tags.extend(ev[2].items())
-            elif kind == "param":
-                b.params.append((ev[2], ev[3]))
-            elif kind == "tag":
-                b.tags.append((ev[2], ev[3]))
-            elif kind == "artifact":
-                b.artifacts.append((ev[2], ev[3]))
-            elif kind == "run_end":
-                b.end = (ev[2], ev[3])
-            elif kind == "phase":
-                b.phases.append(ev[2])
-            elif kind == "genome":
-                b.genomes.append(ev[2])
-        self._ship_alert_updates()
         last_key: str | None = None
         current: Run | None = None
         rows: list[MetricRow] = []
         n = 0
-        for run_key, key, value, ts, step in items:
-            if run_key is not last_key:
-                if current is not None:
-                    received(current, n)
-                current = run_of(run_key)
-                rows = self.backlog(current).metrics
-                last_key, n = run_key, 0
-            rows.append((key, value, ts // 1_000_000, step))
+        for item in items:
+            run_key, key, value, ts, step = item
+            try:
+                if run_key is not last_key:
+                    if current is not None:
+                        received(current, n)
+                    current, n, last_key = None, 0, None
+                    current = run_of(run_key)
+                    rows = self.backlog(current).metrics
+                    last_key = run_key
+                rows.append((key, value, ts // 1_000_000, step))
+            except Exception as exc:  # isolated to this event
+                reject(item, exc)
+                continue
             n += 1
         if current is not None:
             received(current, n)
@@ -199,7 +224,7 @@ class Router:
         Accounting.received(record.correlated[0][0], 1)
         self._live_alerts[record.alert_id] = (record, record.occurrences)
 
-    def _ship_alert_updates(self) -> None:
+    def ship_alert_updates(self) -> None:
         """Store again the alerts whose occurrence count grew; forget those that can't."""
         if not self._live_alerts:
             return

@@ -21,7 +21,11 @@ __all__ = ("Health",)
 logger = logging.getLogger("allele.observability")
 
 BACKOFF_BASE = 0.25
-BACKOFF_CAP = 30.0
+BACKOFF_CAP = 10.0
+#: while a caller waits with a deadline: the delay is at most this share of the time left
+DEADLINE_SHARE = 0.25
+#: ... and at least this many seconds
+MIN_DELAY = 0.05
 #: consecutive failed attempts before the state is "offline"
 OFFLINE_AFTER = 3
 
@@ -35,12 +39,18 @@ class Health:
         self.retry_at = 0.0
         self._failures = 0
 
-    def failed(self, err: DeliveryError) -> None:
-        """An attempt failed: back off (honouring ``Retry-After``) and update the state."""
+    def failed(self, err: DeliveryError, time_left: float | None = None) -> None:
+        """
+        An attempt failed: back off (honouring ``Retry-After``) and update the state.
+        While someone waits with a deadline (``time_left`` seconds: a flush or close),
+        the delay is capped so that several more attempts fit before it.
+        """
         self._failures += 1
         delay = min(BACKOFF_CAP, BACKOFF_BASE * 2 ** min(self._failures, 10))
         if err.retry_after:
             delay = max(delay, err.retry_after)
+        if time_left is not None:
+            delay = min(delay, max(MIN_DELAY, time_left * DEADLINE_SHARE))
         self.retry_at = time.monotonic() + random.uniform(0, delay)  # noqa: S311
         new = "offline" if self._failures >= OFFLINE_AFTER else "degraded"
         if new != self.state:

@@ -40,15 +40,23 @@ class StoreCalls:
         #: the stop deadline (``time.monotonic()``), once a stop was requested
         self.deadline: float | None = None
 
-    async def __call__(self, fn: Callable[..., Any], *args: Any, bounded: bool = True) -> Any:
+    async def __call__(
+        self,
+        fn: Callable[..., Any],
+        *args: Any,
+        bounded: bool = True,
+        timeout: float | None = None,  # noqa: ASYNC109 - a bound for the worker thread
+    ) -> Any:
         """
         Run ``fn(*args)`` in a worker thread, abandoning it after the export timeout
-        (``bounded=False`` for a replay step, whose every call is bounded) or at the stop
-        deadline; raise a retryable ``DeliveryError("timeout")`` then.
+        (``bounded=False`` for a replay step, whose every call is bounded; ``timeout`` for
+        another bound) or at the stop deadline; raise a retryable
+        ``DeliveryError("timeout")`` then.
         """
         if self._limiter is None:
             self._limiter = anyio.CapacityLimiter(1)
-        timeout = self._timeout + BACKSTOP_GRACE if bounded else math.inf
+        if timeout is None:
+            timeout = self._timeout + BACKSTOP_GRACE if bounded else math.inf
         if self.deadline is not None:
             timeout = max(0.01, min(timeout, self.deadline - time.monotonic()))
         scope = self._scope = anyio.move_on_after(timeout)
@@ -61,6 +69,11 @@ class StoreCalls:
             self._scope = None
         name = getattr(fn, "__name__", "store call")
         raise DeliveryError("timeout", f"{name} exceeded {timeout:g} s", retryable=True)
+
+    def reset(self) -> None:
+        """Forget the worker-thread limiter: the next call may run on another event loop."""
+        self._limiter = None
+        self._scope = None
 
     def tighten(self) -> None:
         """Cut the call in flight down to the stop deadline (run it on the loop)."""

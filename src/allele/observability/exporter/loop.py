@@ -15,11 +15,12 @@ import logging
 import threading
 import time
 from collections import deque
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import anyio
 import anyio.to_thread
 
+from .._core.runs import Run
 from ..backends.base import DeliveryError
 from ..sinks.deadletter import DeadLetters
 from ..sinks.registry import GenomeSink
@@ -27,13 +28,15 @@ from .backlog import KIND_OF, Router
 from .backoff import Health
 from .calls import StoreCalls, threadsafe_caller
 from .delivery import Delivery
+from .isolation import INTERNAL_ERROR, Isolation
 from .spooling import Spooler
+from .system import sample_system
 
 if TYPE_CHECKING:
     from collections.abc import Callable
 
     from .._core.accounting import Accounting
-    from .._core.runs import Run, RunRegistry
+    from .._core.runs import RunRegistry
     from ..backends.base import Backend
     from ..config import Settings
     from .source import EventSource, MetricEvent
@@ -44,16 +47,23 @@ logger = logging.getLogger("allele.observability")
 
 #: share of the shutdown time kept for spooling what could not be delivered
 SPOOL_RESERVE = 0.2
+#: seconds a backend may take to start (a worker process importing MLflow, a migration)
+STARTUP_TIMEOUT = 120.0
+#: seconds before the loop is started again after a failure: base, doubled, capped
+RESTART_BASE = 0.05
+RESTART_CAP = 5.0
 
 
 class FlushTicket:
     """A request to deliver everything emitted before it; resolved by the exporter."""
 
-    __slots__ = ("done", "ok")
+    __slots__ = ("deadline", "done", "ok")
 
-    def __init__(self) -> None:
+    def __init__(self, deadline: float | None = None) -> None:
         self.done = threading.Event()
         self.ok = False
+        #: ``time.monotonic()`` the caller waits until: retries are spaced to fit in it
+        self.deadline = deadline
 
 
 class Exporter:
@@ -89,17 +99,20 @@ class Exporter:
         self._call = StoreCalls(settings.export_timeout)
         self._health = Health()
         self._dead = DeadLetters(settings.spool_dir)
+        self._isolation = Isolation(accounting, self._dead)
         #: registers genome events (the model registry, or the run only)
         self._genome_sink = GenomeSink(settings)
         self._delivery = Delivery(
             settings, accounting, self._router, self._call, self._dead, self._genome_sink
         )
-        self._spooler = Spooler(settings, accounting)
+        self._spooler = Spooler(settings, accounting, self._isolation)
         self._tickets: deque[FlushTicket] = deque()
         self._owned_tickets: list[FlushTicket] = []
         self._stop = False
         self._wake_event: anyio.Event | None = None
         self._launched = False
+        self._threaded = False
+        self._thread: threading.Thread | None = None
         self._finished = threading.Event()
         #: the thread running the loop (flush() must not block it)
         self.loop_thread: int | None = None
@@ -115,8 +128,25 @@ class Exporter:
     def start_thread(self) -> None:
         """Run the loop in a daemon thread."""
         thread = threading.Thread(target=self._thread_main, name="allele-exporter", daemon=True)
-        self._launched = True
+        self._launched = self._threaded = True
+        self._thread = thread
         thread.start()
+
+    def revive(self) -> bool:
+        """
+        Start the loop's thread again if it ended although no stop was asked for (its
+        backlogs are kept); True if it did. Counted as a restart.
+        """
+        if self._stop or not self._threaded or not self._finished.is_set():
+            return False
+        old = self._thread
+        if old is not None:
+            old.join(1.0)  # it is unwinding: let it finish before its successor starts
+        self._acct.restarted()
+        logger.warning("allele-observability: the exporter thread had ended; restarting it")
+        self._finished.clear()
+        self.start_thread()
+        return True
 
     def _thread_main(self) -> None:
         try:
@@ -126,9 +156,9 @@ class Exporter:
         finally:
             self._finished.set()
 
-    def request_flush(self) -> FlushTicket:
-        """Queue a flush ticket and wake the loop."""
-        ticket = FlushTicket()
+    def request_flush(self, deadline: float | None = None) -> FlushTicket:
+        """Queue a flush ticket (the caller waits until ``deadline``) and wake the loop."""
+        ticket = FlushTicket(deadline)
         self._tickets.append(ticket)
         self._source.wake()
         return ticket
@@ -151,6 +181,14 @@ class Exporter:
         remaining = max(0.0, deadline - time.monotonic())
         return self._finished.wait(remaining + 0.5)
 
+    def waiting(self, counts: dict[str, int]) -> dict[str, int]:
+        """
+        ``counts`` plus the events in the backlogs (per kind); call it under the
+        accounting lock, which the loop moves events under.
+        """
+        self._router.waiting(counts, self._spooler.started_runs)
+        return counts
+
     @property
     def alive(self) -> bool:
         """Whether the loop is running."""
@@ -162,9 +200,14 @@ class Exporter:
 
     # -- the loop ---------------------------------------------------------------------------
     async def run_loop(self) -> None:
-        """The exporter's main coroutine (runs in our thread or in the caller's loop)."""
+        """
+        The exporter's main coroutine (runs in our thread or in the caller's loop). It is
+        supervised: if a step fails in a way no narrower guard caught, the failure is
+        counted, the backend is rebuilt and the loop starts again, keeping every backlog.
+        """
         self.loop_thread = threading.get_ident()
         self._wake_event = anyio.Event()
+        self._call.reset()  # a revived loop runs on a new event loop
 
         def wake() -> None:
             ev = self._wake_event
@@ -173,22 +216,61 @@ class Exporter:
 
         self._source.connect(threadsafe_caller(wake))
         self._tighten = threadsafe_caller(self._call.tighten)
+        failures = 0
         try:
-            self._delivery.backend = self._backend_factory()
+            while True:
+                try:
+                    await self._run_once()
+                except Exception as exc:  # supervision: never die
+                    failures += 1
+                    self._acct.restarted()
+                    self._isolation.report("the exporter loop", exc)
+                    if self._stop:
+                        self._guarded("spooling at stop", self._spool_all, final=True)
+                        return
+                    await anyio.sleep(min(RESTART_CAP, RESTART_BASE * 2 ** min(failures, 8)))
+                else:
+                    return
+        finally:
+            self._source.connect(None)
+            self._finished.set()
+
+    async def _run_once(self) -> None:
+        """Build the backend, run the loop until stopped, release the backend."""
+        try:
+            built = self._delivery.backend = self._backend_factory()
             await anyio.to_thread.run_sync(self._spooler.start)
+            start = getattr(built, "start", None)
+            if start is not None:  # a worker process: started with its own deadline
+                try:
+                    await self._call(start, timeout=STARTUP_TIMEOUT)
+                except DeliveryError as err:
+                    self._failed(err)
             async with anyio.create_task_group() as tg:
                 if self._settings.system_metrics_interval > 0:
-                    tg.start_soon(self._system_loop)
+                    tg.start_soon(
+                        sample_system,
+                        self._settings.system_metrics_interval,
+                        self._runs,
+                        self._router,
+                        self._acct,
+                        self._isolation,
+                    )
                 await self._main()
                 tg.cancel_scope.cancel()
         finally:
-            self._source.connect(None)
             self._spooler.close()
             backend, self._delivery.backend = self._delivery.backend, None
             if backend is not None:
                 with anyio.CancelScope(shield=True):
                     await anyio.to_thread.run_sync(backend.close)
-            self._finished.set()
+
+    def _guarded(self, where: str, fn: Callable[..., object], *args: Any, **kw: Any) -> None:
+        """Run ``fn``; a failure is reported (counted, logged once) instead of raised."""
+        try:
+            fn(*args, **kw)
+        except Exception as exc:  # supervision
+            self._isolation.report(where, exc)
 
     async def _main(self) -> None:
         source, health, spooler = self._source, self._health, self._spooler
@@ -204,59 +286,58 @@ class Exporter:
                     with anyio.move_on_after(wait):
                         await self._wake_event.wait()
                 source.set_sleeping(False)
-            await self._round()
-            if self._stop:
-                if not source.is_empty():
-                    continue  # emitted during the round: one more
-                if not self._router.pending() and not spooler.own_pending:
-                    # Last, what terminated forked workers left in the spool, if time allows.
-                    if spooler.check_foreign(every=0) and health.state == "healthy":
-                        await self._replay()
-                    break
-                now, deadline = time.monotonic(), self._call.deadline
-                if health.retry_at > now or (deadline is not None and now >= deadline):
-                    # The store is failing or time is up: what is left stays in the spool,
-                    # for the next start or `allele-obs spool replay`.
-                    self._spool_all(final=True)
-                    break
+            try:
+                await self._round()
+            except Exception as exc:  # supervision: the round is retried
+                self._isolation.report("an export round", exc)
+                self._failed(DeliveryError(INTERNAL_ERROR, repr(exc), retryable=True))
+            if self._stop and await self._stop_step():
+                break
+
+    async def _stop_step(self) -> bool:
+        """
+        While stopping, after a round: whether the loop is done. Until the deadline, a
+        failing store is tried again (the backoff fits in the time left); at the deadline
+        what is left goes to the spool.
+        """
+        source, health, spooler = self._source, self._health, self._spooler
+        if not source.is_empty():
+            return False  # emitted during the round: one more
+        if not self._router.pending() and not spooler.own_pending:
+            # Last, what terminated forked workers left in the spool, if time allows.
+            if spooler.check_foreign(every=0) and health.state == "healthy":
+                await self._replay()
+            return True
+        now, deadline = time.monotonic(), self._call.deadline
+        if deadline is None or now >= deadline:
+            # Time is up: what is left stays in the spool, for the next start or
+            # `allele-obs spool replay`.
+            self._spool_all(final=True)
+            return True
+        if health.retry_at > now:
+            await anyio.sleep(min(health.retry_at, deadline) - now)
+        return False
 
     def _work_ready(self) -> bool:
         return self._source.has_work() or bool(self._tickets)
 
-    async def _system_loop(self) -> None:
-        from ..sources.system import SystemSampler
-
-        sampler = SystemSampler()
-        interval = self._settings.system_metrics_interval
-        while True:
-            await anyio.sleep(interval)
-            runs = self._runs.open_runs()
-            if not runs:
-                continue
-            values = sampler.sample()
-            ts = time.time_ns() // 1_000_000
-            with self._acct.lock:
-                for run in runs:
-                    rows = [(k, v, ts, run.step) for k, v in values.items()]
-                    self._router.backlog(run).system.extend(rows)
-                    self._acct.drained["system"] += len(rows)
-                    self._acct.received(run, len(rows))
+    def _time_left(self) -> float | None:
+        """Seconds until the earliest deadline someone waits for (stop or flush), if any."""
+        deadlines = [t.deadline for t in self._owned_tickets if t.deadline is not None]
+        if self._stop and self._call.deadline is not None:
+            deadlines.append(self._call.deadline)
+        if not deadlines:
+            return None
+        return max(0.0, min(deadlines) - time.monotonic())
 
     # -- one round ----------------------------------------------------------------------------
     async def _round(self) -> None:
         tickets = self._tickets
         for _ in range(len(tickets)):
             self._owned_tickets.append(tickets.popleft())
-        acct = self._acct
-        with acct.lock:
-            events, items = self._source.drain()
-            drained = acct.drained
-            drained["metric"] += len(items)
-            for ev in events:
-                drained[KIND_OF[ev[0]]] += 1
-        self._router.route(events, items, self._runs.get)
+        items = self._take()
         if self._observe is not None:
-            self._observe(items)
+            self._guarded("detectors", self._observe, items)
         now = time.monotonic()
         spooler, health = self._spooler, self._health
         if spooler.own_pending or now < health.retry_at:
@@ -279,21 +360,54 @@ class Exporter:
                 t.done.set()
             self._owned_tickets.clear()
 
+    def _take(self) -> list[MetricEvent]:
+        """
+        Drain the lanes into the backlogs, in one critical section with the counts (a
+        snapshot never sees an event in neither). An event that cannot be sorted is
+        dead-lettered; the others go on.
+        """
+        acct, router, isolation = self._acct, self._router, self._isolation
+        with acct.lock:
+            events, items = self._source.drain()
+            drained = acct.drained
+            drained["metric"] += len(items)
+            for ev in events:
+                kind = KIND_OF[ev[0]]
+                drained[kind] += 1
+                try:
+                    router.route_event(ev)
+                except Exception as exc:  # isolated to this event
+                    run = ev[1] if isinstance(ev[1], Run) else None
+                    isolation.reject("sorting an event", kind, run, [ev[2:]], exc)
+            self._guarded("folding alerts", router.ship_alert_updates)
+
+            def reject(item: MetricEvent, exc: Exception) -> None:
+                isolation.reject("sorting a metric", "metric", None, [item], exc)
+
+            router.route_metrics(items, self._runs.get, reject)
+        return items
+
     def _failed(self, err: DeliveryError) -> None:
         self._acct.failure(err.reason)
-        self._health.failed(err)
+        self._health.failed(err, self._time_left())
 
     def _spool_all(self, *, final: bool = False) -> None:
         """Move every backlog whose run has started into the spool."""
         spooler, router = self._spooler, self._router
         for run, b in list(router.backlogs.items()):
-            if run.created_id is None and not b.started:
-                if not final:
-                    continue  # its start is still in the lane: next round
-                self._drop_backlog(run, b.counts(), "no_run_start")
-            else:
-                spooler.spool_backlog(run, b, router.alert_counts.setdefault(run.key, {}))
-            del router.backlogs[run]
+            with self._acct.lock:  # moved and counted in one step (see _take)
+                if run.created_id is None and not b.started:
+                    if not final:
+                        continue  # its start is still in the lane: next round
+                    self._drop_backlog(run, b.counts(), "no_run_start")
+                else:
+                    counts = router.alert_counts.setdefault(run.key, {})
+                    try:
+                        spooler.spool_backlog(run, b, counts)
+                    except Exception as exc:  # what is left is dead-lettered
+                        for kind, n in b.counts().items():
+                            self._isolation.reject("spooling", kind, run, [], exc, n=n)
+                del router.backlogs[run]
         if final and spooler.own_pending:
             logger.warning(
                 "allele-observability: %d events are in the spool %s; they are replayed at "
@@ -311,7 +425,11 @@ class Exporter:
         backend = self._delivery.backend
         assert backend is not None
         replay = self._spooler.replay
-        report = await self._call(replay, backend, self._dead, self._genome_sink, bounded=False)
+        try:
+            report = await self._call(replay, backend, self._dead, self._genome_sink, bounded=False)
+        except DeliveryError as err:  # cut at the stop deadline
+            self._failed(err)
+            return
         if report.error is not None:
             self._failed(report.error)
             return

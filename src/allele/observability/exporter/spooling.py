@@ -9,14 +9,15 @@ store is down. Once the spool holds nothing of ours, delivery is direct again.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import time
 import uuid
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from ..alerts.store import prepare_alerts
-from ..sinks.batching import split_batches
+from ..alerts.store import PRIMARY, prepare_alerts
+from ..sinks.batching import halves, split_batches
 from ..spool.records import (
     AlertsRecord,
     ArtifactRecord,
@@ -42,6 +43,7 @@ if TYPE_CHECKING:
     from ..config import Settings
     from ..sinks.deadletter import DeadLetters
     from .backlog import Backlog
+    from .isolation import Isolation
 
 __all__ = ("Spooler",)
 
@@ -60,10 +62,12 @@ class Spooler:
     Args:
         settings: the effective settings (spool dir, size bound, prefix).
         accounting: whose counts move as records are spooled and replayed.
+        isolation: where a record that cannot be spooled (not JSON, too large) goes.
     """
 
-    def __init__(self, settings: Settings, accounting: Accounting) -> None:
+    def __init__(self, settings: Settings, accounting: Accounting, isolation: Isolation) -> None:
         self._acct = accounting
+        self._isolation = isolation
         self._settings = settings
         self._dir = Path(settings.spool_dir)
         #: names this exporter's records, so it can tell its own from older processes'
@@ -110,6 +114,11 @@ class Spooler:
         self.foreign = bool(replayable)
         return self.foreign
 
+    @property
+    def started_runs(self) -> frozenset[str]:
+        """Keys of the runs whose start this exporter wrote to the spool."""
+        return frozenset(self._started)
+
     def _get(self) -> Spool:
         if self._spool is None:
             self._spool = Spool(self._dir, max_bytes=self._settings.spool_max_bytes)
@@ -145,7 +154,11 @@ class Spooler:
         for bm, _, _ in split_batches(b.system, [], [], max_metrics=max_metrics):
             records.append(BatchRecord(*head, run_id, bm, [], [], system=True))
         if b.alerts:
-            b.alert_chunks.append(prepare_alerts(b.alerts, alert_counts))
+            try:
+                b.alert_chunks.append(prepare_alerts(b.alerts, alert_counts))
+            except Exception as exc:  # isolated to these alerts
+                n = sum(1 for *_, role in b.alerts if role == PRIMARY)
+                self._isolation.reject("preparing alerts", "alert", run, b.alerts, exc, n=n)
         records.extend(
             AlertsRecord(*head, run_id, c.records, c.metrics, c.tags, c.primary)
             for c in b.alert_chunks
@@ -163,24 +176,42 @@ class Spooler:
         if b.end is not None:
             status, end_time = b.end
             b.end = None
-            self._acct.count(run, "run", "spooled", 1)  # counted before the tags describe it
-            self.own_pending += 1
+            # The tags describe the run with its end in the spool: count it there while
+            # they are made (the caller holds the accounting lock), then append it.
+            self._acct.count(run, "run", "spooled", 1)
             acct_tags = self._acct.run_tags(run, end_in_spool=True)
-            if not spool.append(encode(EndRecord(*head, run_id, status, end_time, acct_tags))):
-                self._acct.move(run, "run", "spooled", "dropped", 1)
-                self.own_pending -= 1
-                self._acct.drop_reason("spool_full", 1)
+            self._acct.count(run, "run", "spooled", -1)
+            self._append(spool, run, EndRecord(*head, run_id, status, end_time, acct_tags))
 
     def _append(self, spool: Spool, run: Run, record: Record) -> None:
+        """
+        Append one record and count its events spooled; a record the spool cannot hold
+        (not JSON, larger than a record may be) is split, or dead-lettered with the
+        reason; a full spool or a failing disk drops it (counted with the reason).
+        """
         counts = record.counts()
-        if spool.append(encode(record)):
+        try:
+            written = spool.append(encode(record))
+        except (TypeError, ValueError) as exc:
+            parts = _split(record)
+            if parts:
+                for part in parts:
+                    self._append(spool, run, part)
+                return
             for kind, n in counts.items():
-                self._acct.count(run, kind, "spooled", n)
-                self.own_pending += n
+                self._isolation.reject("spooling", kind, run, [record], exc, n=n)
+            return
+        except OSError as exc:
+            self._isolation.report("writing the spool", exc)
+            written, reason = False, "spool_error"
         else:
-            for kind, n in counts.items():
-                self._acct.count(run, kind, "dropped", n)
-                self._acct.drop_reason("spool_full", n)
+            reason = "spool_full"
+        for kind, n in counts.items():
+            self._acct.count(run, kind, "spooled" if written else "dropped", n)
+            if written:
+                self.own_pending += n
+            else:
+                self._acct.drop_reason(reason, n)
 
     # -- out ------------------------------------------------------------------------------
     def replay(
@@ -239,3 +270,15 @@ class Spooler:
         if self._spool is not None:
             self._spool.flush(fsync=True)
             self._spool.close()
+
+
+def _split(record: Record) -> list[Record]:
+    """A batch record of several rows in two halves; nothing for any other record."""
+    if not isinstance(record, BatchRecord):
+        return []
+    if len(record.metrics) + len(record.params) + len(record.tags) < 2:
+        return []
+    return [
+        dataclasses.replace(record, metrics=m, params=p, tags=t)
+        for m, p, t in halves(record.metrics, record.params, record.tags)
+    ]

@@ -7,11 +7,35 @@ state; subclasses (see :mod:`.builtin`) only create and check that state.
 
 from __future__ import annotations
 
+import logging
 import math
 from fnmatch import fnmatchcase
-from typing import Any, ClassVar, NamedTuple
+from typing import TYPE_CHECKING, Any, ClassVar, NamedTuple
 
-__all__ = ("Detector", "Finding")
+if TYPE_CHECKING:
+    from collections.abc import Callable
+
+__all__ = ("Detector", "Finding", "run_isolated")
+
+logger = logging.getLogger("allele.observability")
+
+
+def run_isolated(detectors: list[Any], feed: Callable[[Any], None]) -> None:
+    """
+    Call ``feed(detector)`` for each detector; one that raises is removed from
+    ``detectors`` with one warning (its traceback), and the others go on.
+    """
+    for detector in list(detectors):
+        try:
+            feed(detector)
+        except Exception:
+            detectors.remove(detector)
+            logger.exception(
+                "allele-observability: detector %r failed and is disabled; the other "
+                "detectors and delivery go on",
+                detector,
+            )
+
 
 _SEVERITIES = ("info", "warning", "error", "critical")
 
