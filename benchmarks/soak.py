@@ -23,6 +23,7 @@ import argparse
 import contextlib
 import contextvars
 import http.client
+import itertools
 import json
 import math
 import os
@@ -45,7 +46,7 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 sys.path.insert(0, str(HERE.parent / "tests"))
 
-from _common import Section, machine_info, progress, quiet_logs, table  # noqa: E402
+from _common import LoadMeter, Section, machine_info, progress, quiet_logs, table  # noqa: E402
 
 _EXC_LINE = re.compile(r"^[A-Za-z_][\w.]*(Error|Exception|Group|Interrupt)\b.*")
 POISONS = ("step", "artifact", "alert", "genome", "detector")
@@ -65,7 +66,7 @@ COLUMNS = (
     ("dropped", 7),
     ("rss_MB", 7),
     ("spool_MB", 8),
-    ("state", 18),
+    ("state", 26),
 )
 
 
@@ -370,7 +371,7 @@ def _fmt_row(cells: list[str]) -> str:
     return "  ".join(c.rjust(w) for c, (_, w) in zip(cells, COLUMNS, strict=True))
 
 
-def _row_cells(msg: dict[str, Any], server: str) -> list[str]:
+def _row_cells(msg: dict[str, Any], server: str, prev: dict[str, Any] | None) -> list[str]:
     st = msg["stats"]
     if "error" in st:
         tot: dict[str, Any] = {}
@@ -378,6 +379,11 @@ def _row_cells(msg: dict[str, Any], server: str) -> list[str]:
     else:
         tot = st["total"]
         state = st["state"] + ("" if msg["exporter_alive"] else "/NO-THREAD")
+        # nothing delivered since the last row, although there is work and a server
+        before = (prev or {}).get("stats", {}).get("total")
+        if before and tot["delivered"] == before["delivered"] and server == "up":
+            if tot["pending"] + tot["spooled"] > 0:
+                state += " STALLED"
 
     def num(field: str) -> str:
         return f"{tot[field]:,}" if field in tot else "?"
@@ -407,6 +413,8 @@ class Harness:
         self.server_state = "up"
         self.events: list[dict[str, Any]] = []
         self.last_message = time.monotonic()
+        #: how long the last server start took (to start the next one early enough)
+        self.start_s = 0.0
 
     # -- server ------------------------------------------------------------------------
     def _restart(self, server: Any) -> float:
@@ -434,8 +442,9 @@ class Harness:
             msg["server"] = self.server_state
             self.last_message = time.monotonic()
             if msg["type"] == "row":
+                prev = self.rows[-1] if self.rows else None
                 self.rows.append(msg)
-                print(_fmt_row(_row_cells(msg, self.server_state)), flush=True)
+                print(_fmt_row(_row_cells(msg, self.server_state, prev)), flush=True)
             self.messages.put(msg)
         self.messages.put({"type": "eof"})
 
@@ -461,7 +470,9 @@ class Harness:
         workdir.mkdir(parents=True, exist_ok=True)
         progress(f"workdir {workdir}; {info['cpu_count']} CPUs, Python {info['python']}")
         server = MlflowServer(workdir / "server", startup_timeout=90.0)
+        t = time.monotonic()
         server.start()
+        self.start_s = time.monotonic() - t
         progress(f"mlflow server up at {server.url}")
         cfg = {
             "workdir": str(workdir),
@@ -476,6 +487,7 @@ class Harness:
             "system_interval": args.system_interval,
             "mode": "quick" if args.quick else "custom",
         }
+        load = LoadMeter()
         child_log = (workdir / "experiment.log").open("wb")
         child = subprocess.Popen(
             [sys.executable, str(Path(__file__).resolve()), "--child", json.dumps(cfg)],
@@ -519,6 +531,7 @@ class Harness:
             with contextlib.suppress(subprocess.TimeoutExpired):
                 child.wait(timeout=30)
             child_log.close()
+            result["load"] = load.read()
             try:
                 if not server.running or not server.healthy():
                     self._restart(server)
@@ -547,6 +560,7 @@ class Harness:
             if a.kill_every > 0 and k * a.kill_every + a.down_for < self.duration - 5
         ]
         down_since: float | None = None
+        killed_at = 0.0
         silent_warned = 0.0
         while time.monotonic() < hard:
             now = time.monotonic() - start
@@ -555,11 +569,18 @@ class Harness:
                 self.server_state = "down"
                 server.stop(signal.SIGKILL)
                 down_since = time.monotonic()
-                progress(f"t={now:.0f}s: server killed (SIGKILL) for {a.down_for:.0f} s")
-            if down_since is not None and time.monotonic() - down_since >= a.down_for:
+                killed_at = now
+                progress(
+                    f"t={now:.0f}s: server killed (SIGKILL), to be back after {a.down_for:.0f} s"
+                )
+            # Start it again early by the time a start takes, so that it answers again
+            # about `down_for` seconds after the kill (a start takes 5-30 s here).
+            lead = min(self.start_s, a.down_for - 1.0)
+            if down_since is not None and time.monotonic() - down_since >= a.down_for - lead:
                 took = self._restart(server)
+                self.start_s = took
                 down = time.monotonic() - down_since
-                self.events.append({"killed_at": round(now - a.down_for, 1), "down_s": down})
+                self.events.append({"killed_at": round(killed_at, 1), "down_s": round(down, 1)})
                 progress(f"server back after {down:.1f} s (start {took:.1f} s)")
                 down_since = None
             silent = time.monotonic() - self.last_message
@@ -614,6 +635,11 @@ class Harness:
         finally:
             con.close()
         expected: dict[str, int] = (done or {}).get("expected", {})
+        dead = self._dead_letters(
+            workdir,
+            (done or {}).get("poisons", []),
+            {k: v for k, v in per_key.items() if k.startswith("poison")},
+        )
         missing = duplicated = 0
         bad_keys: dict[str, Any] = {}
         for key, want in expected.items():
@@ -630,13 +656,47 @@ class Harness:
             duplicated=duplicated,
             bad_keys=bad_keys,
             poison_keys_in_mlflow={k: v for k, v in per_key.items() if k.startswith("poison")},
+            dead_letters=dead,
         )
+        if bad_keys and run_id:  # where are the missing points: spool, dead letters, nowhere?
+            out.update(self._locate_missing(db, run_id, bad_keys, workdir / "spool", dead))
+        else:
+            out.update(in_spool=0, lost=missing - dead["soak_metrics_dead_lettered"])
         if run_id and expected:
             out["rest"] = self._rest_check(server, run_id, expected)
-        out["dead_letters"] = self._dead_letters(
-            workdir, (done or {}).get("poisons", []), out["poison_keys_in_mlflow"]
-        )
         return out
+
+    def _locate_missing(
+        self,
+        db: Path,
+        run_id: str,
+        bad_keys: dict[str, Any],
+        spool: Path,
+        dead: dict[str, Any],
+    ) -> dict[str, Any]:
+        """Steps missing from MLflow, split into still in the spool, dead-lettered, lost."""
+        spooled, spool_error = _spooled_steps(spool)
+        in_spool = dead_lettered = lost = 0
+        con = sqlite3.connect(f"file:{db}?mode=ro", uri=True, timeout=60)
+        try:
+            for key, info in bad_keys.items():
+                have = {
+                    s
+                    for (s,) in con.execute(
+                        "SELECT DISTINCT step FROM metrics WHERE run_uuid = ? AND key = ?",
+                        (run_id, key),
+                    )
+                }
+                gone = set(range(info["expected"])) - have
+                held = gone & spooled.get(key, set())
+                dl = (gone - held) & dead["soak_steps"].get(key, set())
+                info.update(in_spool=len(held), dead_lettered=len(dl))
+                in_spool += len(held)
+                dead_lettered += len(dl)
+                lost += len(gone) - len(held) - len(dl)
+        finally:
+            con.close()
+        return {"in_spool": in_spool, "lost": lost, "spool_error": spool_error}
 
     def _rest_check(self, server: Any, run_id: str, expected: dict[str, int]) -> dict[str, Any]:
         """The same figures through MLflow's REST API: latest step per key, one full history."""
@@ -713,10 +773,13 @@ class Harness:
             outcomes.append(o)
         others = [r for n, (_, r) in enumerate(records) if n not in used]
         soak_rows = 0
+        soak_steps: dict[str, set[int]] = {}
         for r in others:
             for row in r.get("rows") or []:
                 if isinstance(row, list) and row and str(row[0]).startswith("soak."):
                     soak_rows += 1
+                    with contextlib.suppress(IndexError, TypeError, ValueError):
+                        soak_steps.setdefault(str(row[0]), set()).add(int(row[3]))
         return {
             "records": len(records),
             "poisons": outcomes,
@@ -726,6 +789,7 @@ class Harness:
                 for r in others[:20]
             ],
             "soak_metrics_dead_lettered": soak_rows,
+            "soak_steps": soak_steps,
         }
 
     # -- verdicts and output -----------------------------------------------------------
@@ -746,18 +810,48 @@ class Harness:
         if downs:
             sec.add("server down per kill (mean)", sum(downs) / len(downs), "s", "incl. restart")
         sec.add("poison events injected", len(done.get("poisons", [])), "events")
+        rates = _delivery_rates(self.rows)
+        if rates:
+            sec.add("delivery rate, best row interval", max(rates), "metrics/s", "server ingest")
+        load = result.get("load", {})
+        if load:
+            sec.add(
+                "other processes' CPU during the soak",
+                load["other_cores"],
+                "cores",
+                f"of {result['machine']['cpu_count']}; this soak: {load['own_cores']:.2f}",
+            )
 
         data_ok = True
         if "error" in check:
             sec.error("check", check["error"])
             data_ok = False
         else:
-            lost = check["missing"]
+            missing, lost = check["missing"], check["lost"]
             sec.add("metrics in MLflow", check["in_mlflow"], "events", f"expected {sent:,}")
-            sec.add("non-poison metrics lost", lost, "events", "0", passed=lost == 0)
+            sec.add("non-poison metrics not in MLflow", missing, "events", "0", passed=missing == 0)
+            sec.add("  of which still in the spool", check["in_spool"], "events")
+            sec.add(
+                "non-poison metrics lost",
+                lost,
+                "events",
+                "0 (not in MLflow, spool or dead letters)",
+                passed=lost == 0,
+                note=f"spool unreadable: {check['spool_error']}"
+                if check.get("spool_error")
+                else "",
+            )
             dup = check["duplicated"]
             sec.add("duplicated points", dup, "events", "0", passed=dup == 0)
-            data_ok &= lost == 0 and dup == 0 and not check["bad_keys"]
+            status = check.get("status")
+            sec.add(
+                "run status in MLflow",
+                None,
+                "",
+                f"{status} (FINISHED expected)",
+                passed=status == "FINISHED",
+            )
+            data_ok &= missing == 0 and lost == 0 and dup == 0 and status == "FINISHED"
             rest = check.get("rest", {})
             if "error" in rest:
                 sec.error("REST cross-check", rest["error"])
@@ -884,6 +978,41 @@ class Harness:
         print(f"\nexperiment stderr: {len(lines)} lines, {tracebacks} tracebacks")
         for text, n in list(distinct.items())[:15]:
             print(f"  {n:>4} x {text}")
+
+
+def _delivery_rates(rows: list[dict[str, Any]]) -> list[float]:
+    """Delivered metrics per second between consecutive rows."""
+    out = []
+    for a, b in itertools.pairwise(rows):
+        dt = b["elapsed"] - a["elapsed"]
+        sa, sb = a["stats"], b["stats"]
+        if dt > 0 and "kinds" in sa and "kinds" in sb:
+            out.append(
+                (sb["kinds"]["metric"]["delivered"] - sa["kinds"]["metric"]["delivered"]) / dt
+            )
+    return out
+
+
+def _spooled_steps(spool: Path) -> tuple[dict[str, set[int]], str | None]:
+    """The soak metrics still in the spool's segments (key to steps), read frame by frame."""
+    out: dict[str, set[int]] = {}
+    try:
+        from allele.observability.spool.frames import decode_record, iter_frames
+        from allele.observability.spool.records import BatchRecord, decode
+
+        for seg in sorted((spool / "segments").glob("*.spool")):
+            data = seg.read_bytes()
+            for _pos, payload in iter_frames(data, 0):
+                if payload is None:
+                    continue
+                rec = decode(decode_record(payload))
+                if isinstance(rec, BatchRecord) and not rec.system:
+                    for key, _value, _ts, step in rec.metrics:
+                        if str(key).startswith("soak."):
+                            out.setdefault(str(key), set()).add(int(step))
+    except Exception as exc:  # the figures say the spool could not be read
+        return out, f"{type(exc).__name__}: {exc}"
+    return out, None
 
 
 def _rss_growth(samples: list[tuple[float, int]], warmup: float) -> tuple[float | None, int | None]:
