@@ -381,9 +381,9 @@ def _row_cells(msg: dict[str, Any], server: str, prev: dict[str, Any] | None) ->
         state = st["state"] + ("" if msg["exporter_alive"] else "/NO-THREAD")
         # nothing delivered since the last row, although there is work and a server
         before = (prev or {}).get("stats", {}).get("total")
-        if before and tot["delivered"] == before["delivered"] and server == "up":
-            if tot["pending"] + tot["spooled"] > 0:
-                state += " STALLED"
+        idle = before is not None and tot["delivered"] == before["delivered"]
+        if idle and server == "up" and tot["pending"] + tot["spooled"] > 0:
+            state += " STALLED"
 
     def num(field: str) -> str:
         return f"{tot[field]:,}" if field in tot else "?"
