@@ -413,10 +413,17 @@ class Harness:
         self.server_state = "up"
         self.events: list[dict[str, Any]] = []
         self.last_message = time.monotonic()
+        #: CPU seconds of server workers we killed (orphans: never reaped, so not ours)
+        self.server_cpu_lost = 0.0
         #: how long the last server start took (to start the next one early enough)
         self.start_s = 0.0
 
     # -- server ------------------------------------------------------------------------
+    def _kill(self, server: Any) -> None:
+        """SIGKILL the server's process group, keeping the CPU its workers had used."""
+        self.server_cpu_lost += _tree_cpu(server)
+        server.stop(signal.SIGKILL)
+
     def _restart(self, server: Any) -> float:
         """Restart on the same port; returns the seconds it took to answer /health."""
         self.server_state = "start"
@@ -531,7 +538,7 @@ class Harness:
             with contextlib.suppress(subprocess.TimeoutExpired):
                 child.wait(timeout=30)
             child_log.close()
-            result["load"] = load.read()
+            result["load"] = load.read(self.server_cpu_lost + _tree_cpu(server))
             try:
                 if not server.running or not server.healthy():
                     self._restart(server)
@@ -567,7 +574,7 @@ class Harness:
             if down_since is None and kills and now >= kills[0]:
                 kills.pop(0)
                 self.server_state = "down"
-                server.stop(signal.SIGKILL)
+                self._kill(server)
                 down_since = time.monotonic()
                 killed_at = now
                 progress(
@@ -978,6 +985,21 @@ class Harness:
         print(f"\nexperiment stderr: {len(lines)} lines, {tracebacks} tracebacks")
         for text, n in list(distinct.items())[:15]:
             print(f"  {n:>4} x {text}")
+
+
+def _tree_cpu(server: Any) -> float:
+    """CPU seconds used by the server's descendants (the leader is reaped, so counted)."""
+    import psutil
+
+    total = 0.0
+    if server.proc is None:
+        return total
+    with contextlib.suppress(psutil.Error):
+        for p in psutil.Process(server.proc.pid).children(recursive=True):
+            with contextlib.suppress(psutil.Error):
+                t = p.cpu_times()
+                total += t.user + t.system
+    return total
 
 
 def _delivery_rates(rows: list[dict[str, Any]]) -> list[float]:
