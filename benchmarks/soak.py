@@ -174,7 +174,7 @@ class Emitter:
             if delay > 0:
                 time.sleep(delay)
             else:
-                k = int((time.perf_counter() - t0) / tick)  # behind: do not burst to catch up
+                k = int((time.perf_counter() - t0) / tick)  # behind: skip the missed ticks
 
     def expected(self) -> dict[str, int]:
         """Points per key: key j got steps 0 .. count-1."""
