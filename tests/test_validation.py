@@ -293,6 +293,7 @@ def test_bad_params_tags_and_genomes_raise_and_the_rest_is_delivered(
         with pytest.raises(ValueError, match="generation must fit"):
             obs.genome([2], name="net", generation=2**63)
         obs.genome([3], name="net", parents=gid, evaluations=(float(x) for x in range(3)))
+        obs.genome([4], name="net", evaluations=np.array([0.5, 0.25]))
     assert run.run_id is not None
     data = client.get_run(run.run_id).data
     versions = obs.genomes.versions("net")
@@ -306,7 +307,7 @@ def test_bad_params_tags_and_genomes_raise_and_the_rest_is_delivered(
     assert "4" == client.get_model_version("net", "1").tags["seed"]
     # the parent given as one str is one parent, and the evaluations generator was kept
     assert (gid,) == versions[1].parents
-    assert 3 == versions[1].evaluations
+    assert [3, 2] == [v.evaluations for v in versions[1:]]
     _assert_clean(obs)
 
 
@@ -325,7 +326,7 @@ def test_genome_with_numpy_fields_is_spooled_and_replayed(tmp_path: Path) -> Non
         with obs, obs.run("offline", experiment="validation"):
             gid = obs.genome(
                 [1, 2], name="pair", fitness=np.float64(1.5), generation=np.int64(2),
-                tags={"seed": np.int64(7)}, evaluations=np.array([1.0, 2.0]),
+                tags={"seed": np.int64(7)}, evaluations=[np.float64(1.0), 2.0],
             )  # fmt: skip
             obs.metric("after", 1.0, step=1)
             assert not obs.flush(1)
