@@ -76,6 +76,12 @@ POISON: list[tuple[str, Callable[[Any], Any], type[Exception], str]] = [
     ("obs.step 2**63", lambda o: o.step(2**63), ValueError,
      r"step must fit a signed 64-bit integer"),
     ("obs.step str", lambda o: o.step("1"), TypeError, r"step must be an int, got str"),
+    # runs
+    ("run name list", lambda o: o.run(["a"]), TypeError, r"run name must be a str, got list"),
+    ("run name surrogate", lambda o: o.run("r\udc80"), ValueError,
+     r"run name is not valid Unicode text"),
+    ("experiment too long", lambda o: o.run("r", experiment="e" * 501), ValueError,
+     r"experiment is 501 characters; MLflow allows at most 500"),
     # params and tags
     ("param name list", lambda o: o.param(["a"], 1), TypeError,
      r"param name must be a str, got list"),

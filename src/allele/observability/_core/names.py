@@ -38,6 +38,7 @@ __all__ = (
     "as_int64",
     "as_text",
     "check_artifact_path",
+    "check_run_names",
     "check_utf8",
     "sanitize_key",
     "timestamp_ms",
@@ -225,3 +226,24 @@ def check_artifact_path(artifact_path: object) -> str | None:
             f"artifact_path {artifact_path!r} must not hold a backslash, '#' or a control character"
         )
     return check_utf8("artifact_path", artifact_path)
+
+
+def check_run_names(name: object, experiment: str, prefix: str) -> None:
+    """
+    Check a run's name and its experiment's full name (``prefix + experiment``) as the
+    store will: text, at most 250 and 500 characters (MLflow's limits).
+
+    Raises:
+        TypeError: the run name or the experiment is not a str.
+        ValueError: empty, too long, or holding a lone surrogate (names which).
+    """
+    if not isinstance(name, str):
+        raise TypeError(f"run name must be a str, got {type(name).__name__}: {name!r}")
+    if not isinstance(experiment, str):
+        raise TypeError(f"experiment must be a str, got {type(experiment).__name__}")
+    for field, text, limit in (("run name", name, 250), ("experiment", prefix + experiment, 500)):
+        if not text:
+            raise ValueError(f"{field} must not be empty")
+        if len(text) > limit:
+            raise ValueError(f"{field} is {len(text)} characters; MLflow allows at most {limit}")
+        check_utf8(field, text)
