@@ -15,17 +15,25 @@ Two lanes: the *data* lane carries metrics (sampled, dropped first under overloa
 from __future__ import annotations
 
 import logging
-import math
 import os
 import time
 from collections import deque
 from collections.abc import Callable, Mapping
-from datetime import datetime
 from typing import TYPE_CHECKING, Any
 
 from .accounting import UNDRAINED
 from .context import CURRENT_RUN
-from .names import MAX_PARAM_VALUE_LENGTH, MAX_TAG_VALUE_LENGTH, as_text, sanitize_key
+from .names import (
+    INT64_MAX,
+    INT64_MIN,
+    MAX_PARAM_VALUE_LENGTH,
+    MAX_TAG_VALUE_LENGTH,
+    as_int64,
+    as_text,
+    check_artifact_path,
+    sanitize_key,
+    timestamp_ms,
+)
 from .sampling import keep, take_held
 
 if TYPE_CHECKING:
@@ -103,7 +111,10 @@ class Bus:
             run = self._fallback("metric")
             if run is None:
                 return
-        entry = self._names.get(name)
+        try:
+            entry = self._names.get(name)
+        except TypeError:  # unhashable, so not a str: _register_name says so
+            entry = None
         if entry is None:
             entry = self._register_name(name)
         if value.__class__ is not float:
@@ -111,15 +122,16 @@ class Bus:
         if step is None:
             step = run.step
         else:
-            if step.__class__ is not int:
-                step = _as_step(name, step)
+            # one chained comparison of constants: an int step in MLflow's int64 range
+            if step.__class__ is not int or not -0x8000000000000000 <= step <= 0x7FFFFFFFFFFFFFFF:
+                step = as_int64(f"metric {name!r}: step", step)
             run.step = step
         if timestamp is None:
             ts = _time_ns()  # ns: the exporter divides, off the hot path
         elif timestamp.__class__ is _Nanoseconds:
             ts = timestamp
         else:
-            ts = _as_timestamp_ms(timestamp) * 1_000_000
+            ts = timestamp_ms(timestamp) * 1_000_000
         rule = entry[1]
         if rule is not None and not keep(
             run, entry[0], rule, value, ts, step, self._acct.sampled_out
@@ -147,16 +159,20 @@ class Bus:
         """Set the current step of the current run."""
         run = CURRENT_RUN.get() or self._fallback(None)
         if run is not None:
-            run.step = _as_step("step", step) if step.__class__ is not int else step
+            run.step = (
+                step
+                if step.__class__ is int and INT64_MIN <= step <= INT64_MAX
+                else (as_int64("step", step))
+            )
 
     # -- control lane -------------------------------------------------------------------
     def param(self, name: str, value: Any) -> None:
         """Record a run parameter (see ``Observability.param``)."""
+        key = sanitize_key(name, "param name")
+        text = as_text("param", key, value, MAX_PARAM_VALUE_LENGTH)
         run = CURRENT_RUN.get() or self._fallback("param")
         if run is None:
             return
-        key = sanitize_key(name, "param name")
-        text = as_text("param", key, value, MAX_PARAM_VALUE_LENGTH)
         old = run.params.get(key)
         if old is not None:
             if old == text:
@@ -175,17 +191,18 @@ class Bus:
 
     def tag(self, key: str, value: Any) -> None:
         """Set a run tag (tags overwrite)."""
-        run = CURRENT_RUN.get() or self._fallback("tag")
-        if run is None:
-            return
         key = sanitize_key(key, "tag key")
-        self.control("tag", ("tag", run, key, as_text("tag", key, value, MAX_TAG_VALUE_LENGTH)))
+        text = as_text("tag", key, value, MAX_TAG_VALUE_LENGTH)
+        run = CURRENT_RUN.get() or self._fallback("tag")
+        if run is not None:
+            self.control("tag", ("tag", run, key, text))
 
     def artifact(self, path: str | os.PathLike[str], artifact_path: str | None = None) -> None:
         """Upload a file or directory into the current run's artifacts, in the background."""
         local = os.fspath(path)
         if not os.path.exists(local):
             raise FileNotFoundError(f"artifact path {local!r} does not exist")
+        artifact_path = check_artifact_path(artifact_path)
         run = CURRENT_RUN.get() or self._fallback("artifact")
         if run is None:
             return
@@ -203,26 +220,16 @@ class Bus:
         evaluations: Any = None,
     ) -> str:
         """Record a genome; returns its id (see ``Observability.genome``)."""
-        from ..genomes.types import prepare_genome
+        from ..genomes.checks import genome_event
 
+        # every field checked and normalised first: the exporter and the spool never fail
+        payload = genome_event(genome, name, fitness, generation, parents, tags, evaluations)
         run = CURRENT_RUN.get() or self._fallback("genome")
-        if generation is None and run is not None:
-            generation = run.step
-        canon, _ = prepare_genome(genome, name, fitness, generation, parents, evaluations)
-        if run is None:
-            return canon.genome_id
-        payload = {
-            "genome_id": canon.genome_id,
-            "text": canon.text,
-            "name": name,
-            "fitness": None if fitness is None else float(fitness),
-            "generation": generation,
-            "parents": list(parents),
-            "tags": dict(tags or {}),
-            "evaluations": None if evaluations is None else [float(e) for e in evaluations],
-        }
-        self.control("genome", ("genome", run, payload))
-        return canon.genome_id
+        if run is not None:
+            if generation is None:
+                payload["generation"] = run.step
+            self.control("genome", ("genome", run, payload))
+        return str(payload["genome_id"])
 
     def control(self, kind: str, event: ControlEvent) -> None:
         """Put an event of ``kind`` on the control lane (dropped and counted if full)."""
@@ -337,35 +344,17 @@ class Bus:
 
 def _as_float(name: str, value: Any) -> float:
     cls = value.__class__
-    if cls is int or cls is bool:
-        return float(value)
     if isinstance(value, (str, bytes)) or value is None or isinstance(value, complex):
         raise TypeError(
             f"metric {name!r}: value must be a real number, got {cls.__name__}: {value!r}"
         )
     try:
-        return float(value)  # numpy scalars, Decimal, Fraction, 0-d arrays
+        return float(value)  # int, bool, numpy scalars, Decimal, Fraction, 0-d arrays
+    except OverflowError:
+        text = repr(value)
+        text = text if len(text) <= 40 else f"{text[:20]}...({len(text)} characters)"
+        raise ValueError(f"metric {name!r}: value {text} is too large for a 64-bit float") from None
     except (TypeError, ValueError):
         raise TypeError(
             f"metric {name!r}: value must be a real number, got {cls.__name__}: {value!r}"
         ) from None
-
-
-def _as_step(name: str, step: Any) -> int:
-    if isinstance(step, bool) or not hasattr(step, "__index__"):
-        if isinstance(step, float) and step.is_integer():
-            return int(step)
-        raise TypeError(f"metric {name!r}: step must be an int, got {type(step).__name__}")
-    return int(step.__index__())
-
-
-def _as_timestamp_ms(timestamp: Any) -> int:
-    if isinstance(timestamp, datetime):
-        return int(timestamp.timestamp() * 1000)
-    if isinstance(timestamp, (int, float)) and not isinstance(timestamp, bool):
-        if not math.isfinite(timestamp) or timestamp < 0:
-            raise ValueError(f"timestamp must be a finite number >= 0, got {timestamp!r}")
-        return int(timestamp * 1000)
-    raise TypeError(
-        f"timestamp must be seconds since the epoch (float) or a datetime, got {timestamp!r}"
-    )

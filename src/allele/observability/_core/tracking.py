@@ -16,7 +16,13 @@ from typing import TYPE_CHECKING, Any
 
 from ..alerts.record import categorize
 from .context import CURRENT_RUN, program_name
-from .names import MAX_PARAM_VALUE_LENGTH, MAX_TAG_VALUE_LENGTH, as_text, sanitize_key
+from .names import (
+    MAX_PARAM_VALUE_LENGTH,
+    MAX_TAG_VALUE_LENGTH,
+    as_text,
+    check_run_names,
+    sanitize_key,
+)
 from .runs import Run, RunScope
 
 if TYPE_CHECKING:
@@ -88,10 +94,9 @@ class RunTracker:
         tags: dict[str, Any] | None,
     ) -> RunScope:
         """A run for a ``with`` block (see ``Observability.run``)."""
-        if not isinstance(name, str) or not name:
-            raise ValueError(f"run name must be a non-empty str, got {name!r}")
         parent = CURRENT_RUN.get()
         exp = experiment or (parent.experiment if parent is not None else program_name())
+        check_run_names(name, exp, self._settings.experiment_prefix)
         clean_params = {}
         for k, v in (params or {}).items():
             key = sanitize_key(k, "param name")

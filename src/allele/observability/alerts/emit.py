@@ -24,7 +24,7 @@ import time
 from typing import TYPE_CHECKING, Any
 
 from .._core.context import CURRENT_PHASES, CURRENT_RUN
-from .record import SEVERITIES, AlertRecord
+from .record import AlertRecord, check_alert
 
 if TYPE_CHECKING:
     from collections.abc import Callable, Iterable, Mapping
@@ -87,22 +87,11 @@ class Alerter:
         attributes: Mapping[str, Any] | None = None,
     ) -> str:
         """Raise an alert; returns its id (see ``Observability.alert``)."""
-        if not isinstance(name, str) or not name:
-            raise ValueError(f"alert name must be a non-empty str, got {name!r}")
-        if severity not in SEVERITIES:
-            raise ValueError(f"alert severity must be one of {SEVERITIES}, got {severity!r}")
-        attrs: dict[str, Any] = {}
-        if attributes:
-            if any(not isinstance(k, str) for k in attributes):
-                keys = list(attributes)
-                raise TypeError(f"alert {name!r}: attribute keys must be str, got {keys!r}")
-            # a stored, immutable copy
-            attrs = json.loads(json.dumps(dict(attributes), default=str))
+        name, severity, text, attrs = check_alert(name, severity, message, attributes)
         run = CURRENT_RUN.get()
         return self.raise_alert(
-            name, severity, str(message), attrs, run, run.step if run else None,
-            CURRENT_PHASES.get(),
-        )  # fmt: skip
+            name, severity, text, attrs, run, run.step if run else None, CURRENT_PHASES.get()
+        )
 
     def raise_alert(
         self,
@@ -114,7 +103,10 @@ class Alerter:
         step: int | None,
         phase_path: tuple[str, ...],
     ) -> str:
-        """Fold or record a validated alert (also used by detectors, for a given run)."""
+        """
+        Fold or record an alert checked by :func:`~.record.check_alert` (also used by
+        detectors, for a given run).
+        """
         now = time.time_ns()
         if run is not None:
             correlated = [(run, step if step is not None else run.step)]
@@ -180,4 +172,9 @@ class Alerter:
             for run_key, key, value, _ts, step in items:
                 for f in observe(run_key, key, value, step):
                     run = run_of(run_key)
-                    self.raise_alert(f.name, f.severity, f.message, f.attributes, run, step, ())
+                    # a detector's finding passes the checks of obs.alert: a bad one raises
+                    # here, in the detector's round, never later in the store
+                    name, severity, text, attrs = check_alert(
+                        f.name, f.severity, f.message, f.attributes
+                    )
+                    self.raise_alert(name, severity, text, attrs, run, step, ())

@@ -14,10 +14,33 @@ from .._core.context import CURRENT_PHASES, CURRENT_RUN
 
 if TYPE_CHECKING:
     from collections.abc import Callable, Iterator
+    from contextlib import AbstractContextManager
 
     from .._core.runs import Run
 
-__all__ = ("Phases",)
+__all__ = ("MAX_PHASE_NAME", "Phases", "check_phase_name")
+
+#: the longest phase name (a phase record holds its whole path of names)
+MAX_PHASE_NAME = 1000
+
+
+def check_phase_name(name: object) -> str:
+    """
+    Check a phase name at the call; return it.
+
+    Raises:
+        TypeError: not a str.
+        ValueError: empty, or longer than ``MAX_PHASE_NAME`` characters.
+    """
+    if not isinstance(name, str):
+        raise TypeError(f"phase name must be a str, got {type(name).__name__}: {name!r}")
+    if not name:
+        raise ValueError("phase name must not be empty")
+    if len(name) > MAX_PHASE_NAME:
+        raise ValueError(
+            f"phase name is {len(name)} characters; at most {MAX_PHASE_NAME} are allowed"
+        )
+    return name
 
 
 class Phases:
@@ -46,11 +69,12 @@ class Phases:
         self._enabled = enabled
         self._tracer: Any = None
 
+    def phase(self, name: str) -> AbstractContextManager[Any]:
+        """A phase of the experiment (see ``Observability.phase``); the name is checked now."""
+        return self._phase(check_phase_name(name))
+
     @contextmanager
-    def phase(self, name: str) -> Iterator[Any]:
-        """A phase of the experiment (see ``Observability.phase``)."""
-        if not isinstance(name, str) or not name:
-            raise ValueError(f"phase name must be a non-empty str, got {name!r}")
+    def _phase(self, name: str) -> Iterator[Any]:
         tracer = self._tracer or self._make_tracer()
         path = (*CURRENT_PHASES.get(), name)
         run = CURRENT_RUN.get() or self._default_run()

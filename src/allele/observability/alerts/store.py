@@ -22,7 +22,7 @@ import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from .._core.names import sanitize_key
+from .record import alert_key
 
 if TYPE_CHECKING:
     from .._core.runs import Run
@@ -92,7 +92,7 @@ def prepare_alerts(
         sev = record.severity
         counts["total"] = counts.get("total", 0) + 1
         counts[sev] = counts.get(sev, 0) + 1
-        name_key = "name." + sanitize_key(record.name, "alert name")[:200]
+        name_key = "name." + alert_key(record.name)  # checked at the call: cannot fail
         counts[name_key] = counts.get(name_key, 0) + 1
         metrics.append((f"allele.alerts.{sev}", float(counts[sev]), record.time, step))
     tags = [(f"allele.alerts.{k}", str(v)) for k, v in counts.items()]

@@ -2,24 +2,25 @@
 Value types of the genome registry, alias validation and input checks.
 
 These are plain frozen dataclasses with ``as_dict()`` for JSON output; they hold no
-connection to MLflow. :func:`prepare_genome` does every check that can fail on bad input
-(so it raises at the call site, before anything is queued or sent).
+connection to MLflow. :func:`prepare_genome` (from :mod:`.checks`) does every check that
+can fail on bad input (so it raises at the call site, before anything is queued or sent).
 """
 
 from __future__ import annotations
 
 import hashlib
 import math
-import numbers
 import re
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from .identity import CanonicalGenome, DiffEntry, canonical_json, canonicalize
+from .checks import prepare_genome
 
 if TYPE_CHECKING:
-    from collections.abc import Callable, Iterable, Sequence
+    from collections.abc import Callable
     from pathlib import Path
+
+    from .identity import DiffEntry
 
 __all__ = (
     "ComponentVersion",
@@ -39,8 +40,6 @@ __all__ = (
 
 _ALIAS_RE = re.compile(r"^[\w\-]+$")
 _VERSION_ALIAS_RE = re.compile(r"^[vV]\d+$")
-#: longest MLflow model-version tag value
-_MAX_TAG_VALUE = 100_000
 
 
 class GenomeNotFoundError(LookupError):
@@ -173,57 +172,6 @@ def content_sha256(path: Path) -> str:
     return manifest.hexdigest()
 
 
-def prepare_genome(
-    genome: Any,
-    name: str,
-    fitness: float | None,
-    generation: int | None,
-    parents: Iterable[str],
-    evaluations: Sequence[float] | None,
-) -> tuple[CanonicalGenome, dict[str, Any]]:
-    """
-    Canonicalise and validate a genome and its metadata at the call, before any I/O.
-
-    Returns:
-        The canonical genome and the JSON-ready content of ``genomes/<id>.meta.json``.
-
-    Raises:
-        TypeError: the genome has no canonical form, or a field has the wrong type.
-        ValueError: an empty name or a bad parent id.
-    """
-    if not isinstance(name, str) or not name:
-        raise ValueError(f"name must be a non-empty str, got {name!r}")
-    canon = canonicalize(genome)
-    if fitness is not None and (isinstance(fitness, bool) or not isinstance(fitness, numbers.Real)):
-        raise TypeError(f"fitness must be a number or None, got {type(fitness).__name__}")
-    if generation is not None and (
-        isinstance(generation, bool) or not isinstance(generation, numbers.Integral)
-    ):
-        raise TypeError(f"generation must be an int or None, got {type(generation).__name__}")
-    plist: list[str] = []
-    for p in parents if not isinstance(parents, str) else (parents,):
-        if not isinstance(p, str) or not p or "," in p or "'" in p:
-            raise ValueError(f"parent ids must be non-empty str without ',' or \"'\": {p!r}")
-        if p not in plist:
-            plist.append(p)
-    evals: list[float] = []
-    for e in evaluations or ():
-        if isinstance(e, bool) or not isinstance(e, numbers.Real):
-            raise TypeError(f"evaluations must be numbers, got {type(e).__name__}")
-        evals.append(float(e))
-    meta = {
-        "genome_id": canon.genome_id,
-        "name": name,
-        "generation": None if generation is None else int(generation),
-        "fitness": None if fitness is None else _finite_json(float(fitness)),
-        "parents": plist,
-        "evaluations": [_finite_json(e) for e in evals],
-    }
-    if len(",".join(plist)) > _MAX_TAG_VALUE:
-        raise ValueError(f"too many parents ({len(plist)}) for one MLflow tag")
-    return canon, meta
-
-
 def version_from_mlflow(mv: Any, aliases: tuple[str, ...]) -> GenomeVersion:
     """Build a :class:`GenomeVersion` from an MLflow ``ModelVersion`` and its aliases."""
     tags = dict(mv.tags or {})
@@ -240,13 +188,6 @@ def version_from_mlflow(mv: Any, aliases: tuple[str, ...]) -> GenomeVersion:
         source=mv.source,
         evaluations=int(tags.get("evaluations", "0")),
     )
-
-
-def _finite_json(value: Any) -> Any:
-    """Make meta values strict JSON: non-finite floats become strings (as in genomes)."""
-    if isinstance(value, float) and not math.isfinite(value):
-        return canonical_json(value).strip('"')
-    return value
 
 
 def quote_filter(value: str) -> str:
