@@ -312,7 +312,7 @@ class Bus:
     # -- helpers --------------------------------------------------------------------------
     def _register_name(self, name: str) -> _NameEntry:
         key = sanitize_key(name, "metric name")
-        if key != name:
+        if key != name and len(self.sanitized) < _NAME_CACHE_LIMIT:
             self.sanitized[name] = key
         rule = None
         if self._rules:

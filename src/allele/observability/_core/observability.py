@@ -22,7 +22,7 @@ from ..backends.factory import make_backend
 from ..config import Settings, load_settings
 from ..exporter.loop import Exporter
 from ..sources.detectors import detectors_from_setting
-from ..sources.detectors.base import run_isolated
+from ..sources.detectors.base import release_runs, run_isolated
 from .accounting import Accounting
 from .bus import Bus
 from .emitters import closed_emitters, disabled_emitters
@@ -148,14 +148,15 @@ class Observability:
         Record one metric value. Never blocks (with overflow=drop), never does I/O.
 
         Args:
-            name: metric key; invalid characters are sanitised (see ``docs/usage.md``).
-            value: a real number (int, float, bool, numpy scalar); NaN is kept.
-            step: the step (generation); None uses the run's current step.
-            timestamp: seconds since the epoch or a datetime; None means now.
+            name: metric key (a str); invalid characters are sanitised (``docs/usage.md``).
+            value: a real number (int, float, bool, numpy scalar); NaN and +-inf are kept.
+            step: the step (generation), a signed 64-bit int; None: the run's current step.
+            timestamp: seconds since the epoch (``time.time()``) or a datetime; None: now.
 
         Raises:
-            TypeError: ``value`` is not a real number or ``step`` not an int (names the
-                metric).
+            TypeError: the name is not a str, the value not a real number, the step not an
+                int (the message names the metric).
+            ValueError: a step outside int64, a timestamp in ms/us/ns (above 1e11 s).
         """
         self._bus.metric(name, value, step, timestamp=timestamp)
 
@@ -211,7 +212,8 @@ class Observability:
 
         Raises:
             TypeError: the genome has no canonical form (the message gives the path).
-            ValueError: an empty name, a bad parent id, fitness or generation.
+            ValueError: a name MLflow refuses as a model name, a bad parent id, fitness
+                or generation, reserved tags, an event larger than a spool record.
         """
         return self._bus.genome(
             genome, name=name, fitness=fitness, generation=generation, parents=parents,
@@ -233,9 +235,9 @@ class Observability:
         every active run.
 
         Raises:
-            ValueError: ``name`` is empty or ``severity`` is not one of
-                info, warning, error, critical.
-            TypeError: ``attributes`` is not a mapping with str keys.
+            ValueError: ``name`` has no valid character, ``severity`` is not one of info,
+                warning, error, critical, or the alert is over 64 KiB as JSON.
+            TypeError: a non-str name, ``attributes`` not a JSON-serialisable mapping.
         """
         return self._alerter.alert(name, severity=severity, message=message, attributes=attributes)
 
@@ -404,13 +406,13 @@ class Observability:
     # -- what the parts hand back --------------------------------------------------------
     def _after_drain(self, items: list[MetricEvent]) -> None:
         """
-        Each export round, in the exporter: detectors, and names that were sanitised. A
-        detector that raises is removed (one warning with its traceback); the others and
-        the round go on.
+        Each export round, in the exporter: detectors (one that raises is removed, with a
+        warning), ended runs' detector state released, sanitised names reported.
         """
         if self._detectors and items:
             detect, run_of = self._alerter.detect, self._runs.get
             run_isolated(self._detectors, lambda d: detect((d,), items, run_of))
+        release_runs(self._detectors, self._runs.just_ended)
         self._bus.report_sanitized()
 
     # -- reading back -----------------------------------------------------------------------

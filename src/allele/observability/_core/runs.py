@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import threading
 import uuid
+from collections import deque
 from typing import TYPE_CHECKING
 
 from .accounting import AtomicCounter
@@ -22,7 +23,10 @@ if TYPE_CHECKING:
 
     from .sampling import SeriesState
 
-__all__ = ("Run", "RunRegistry", "RunScope")
+__all__ = ("ENDED_KEPT", "Run", "RunRegistry", "RunScope")
+
+#: ended runs a registry keeps for late events (older ones are forgotten)
+ENDED_KEPT = 10_000
 
 
 class Run:
@@ -38,10 +42,12 @@ class Run:
     """
 
     __slots__ = (
+        "__weakref__",
         "_created",
         "_run_id",
         "_timeout",
         "acct",
+        "alert_counts",
         "dropped",
         "end_time",
         "experiment",
@@ -87,6 +93,8 @@ class Run:
         self.sampled_out = AtomicCounter()
         #: exporter-side tallies per outcome, for the run's own accounting tags
         self.acct: dict[str, int] = {}
+        #: alerts of this run so far (total, per severity, per name), for its count tags
+        self.alert_counts: dict[str, int] = {}
         self._created = threading.Event()
         self._run_id: str | None = None
         self._timeout = wait_timeout
@@ -132,12 +140,18 @@ class RunRegistry:
     Every run of this process: by key (for the exporter), the open ones (for host-wide
     alerts and system metrics), and the default run (for threads with no run in context).
 
-    Runs are never forgotten: they are small, and a late event may still name one.
+    Ended runs are kept for events that name them late (emitted after the end), the
+    latest :data:`ENDED_KEPT` of those whose end the exporter has taken up: a process that
+    runs many trials keeps bounded memory. An event naming a run forgotten since is
+    dead-lettered, counted.
     """
 
     def __init__(self) -> None:
         self._by_key: dict[str, Run] = {}
         self._open: dict[str, Run] = {}
+        self._ended: deque[str] = deque()
+        #: keys of runs ended since the exporter last looked (to release their state)
+        self.just_ended: deque[str] = deque()
         #: the process's current top-level run, for threads that have no run in context
         self.default: Run | None = None
 
@@ -152,7 +166,23 @@ class RunRegistry:
 
     def ended(self, run: Run) -> None:
         """The run has ended: no longer open."""
-        self._open.pop(run.key, None)
+        if self._open.pop(run.key, None) is not None:
+            self.just_ended.append(run.key)
+
+    def release(self, run: Run) -> list[str]:
+        """
+        The exporter has taken up ``run``'s end (so every event emitted before it): keep
+        the run for late events among the latest :data:`ENDED_KEPT`; return the keys of
+        the runs forgotten now.
+        """
+        self._ended.append(run.key)
+        forgotten = []
+        while len(self._ended) > ENDED_KEPT:
+            old = self._ended.popleft()
+            if old not in self._open:
+                self._by_key.pop(old, None)
+                forgotten.append(old)
+        return forgotten
 
     def open_runs(self) -> list[Run]:
         """The runs still running, in the order they were opened."""

@@ -32,7 +32,10 @@ if TYPE_CHECKING:
     from .._core.accounting import Accounting
     from .._core.runs import Run
 
-__all__ = ("Alerter",)
+__all__ = ("FOLD_PRUNE_AT", "Alerter")
+
+#: records in the fold table before it is first pruned (then: twice what survived)
+FOLD_PRUNE_AT = 1024
 
 
 def _span_ids() -> tuple[str | None, str | None]:
@@ -70,6 +73,8 @@ class Alerter:
         self._fallback = fallback
         self._control = control
         self._folds: dict[tuple[str, str, str, str], AlertRecord] = {}
+        #: the fold table is pruned of records past the window when it grows beyond this
+        self._prune_at = FOLD_PRUNE_AT
         self._host = socket.gethostname()
         self.reset(accounting)
 
@@ -77,6 +82,12 @@ class Alerter:
         """New counters and a fresh lock (a forked child: the parent's may have been held)."""
         self._acct = accounting
         self._lock = threading.Lock()
+
+    def _prune(self, now: int) -> None:
+        """Forget records that can no longer fold (past the window); hold the lock."""
+        horizon_ms = (now - self._window_ns) // 1_000_000
+        self._folds = {k: r for k, r in self._folds.items() if r.time >= horizon_ms}
+        self._prune_at = max(FOLD_PRUNE_AT, 2 * len(self._folds))
 
     def alert(
         self,
@@ -148,9 +159,11 @@ class Alerter:
             host=self._host,
             pid=os.getpid(),
         )
-        if severity != "critical":
+        if severity != "critical" and self._window_ns > 0:
             with self._lock:
                 self._folds[fold_key] = record
+                if len(self._folds) > self._prune_at:
+                    self._prune(now)
         if not correlated and run is None:
             # Outside any run with no run active: the automatic run, if allowed.
             fallback = self._fallback("alert")

@@ -119,16 +119,21 @@ class Router:
 
     Args:
         dedupe_window: ``ALERT_DEDUPE_WINDOW``: how long a stored alert may still fold.
+        on_finished: told when a run's end has left; returns the keys of the runs that
+            are forgotten now (see ``RunRegistry.release``).
     """
 
-    def __init__(self, dedupe_window: float) -> None:
+    def __init__(
+        self,
+        dedupe_window: float,
+        on_finished: Callable[[Run], list[str]] | None = None,
+    ) -> None:
         self._window_ms = int(dedupe_window * 1000)
+        self._on_finished = on_finished
         #: the backlog of every run that owes the store something
         self.backlogs: dict[Run, Backlog] = {}
         #: keys of the runs whose start event has been drained
         self._seen_start: set[str] = set()
-        #: alert counts per run key (total, per severity, per name) for the run's tags
-        self.alert_counts: dict[str, dict[str, int]] = {}
         #: alerts that may still fold: alert id to (record, occurrences already stored)
         self._live_alerts: dict[str, tuple[AlertRecord, int]] = {}
 
@@ -149,6 +154,13 @@ class Router:
                 counts[kind] = counts.get(kind, 0) + n
             if b.started and run.created_id is None and run.key not in start_spooled:
                 counts["run"] = counts.get("run", 0) + 1
+
+    def finished(self, run: Run) -> None:
+        """``run``'s end has left (delivered or spooled): release what is kept for it."""
+        self.backlogs.pop(run, None)
+        if self._on_finished is not None:
+            for key in self._on_finished(run):  # the runs forgotten since
+                self._seen_start.discard(key)
 
     def pending(self) -> bool:
         """Whether any run still owes the store something."""
@@ -222,7 +234,8 @@ class Router:
             self.backlog(target).alerts.append((record, step, role))
             role = COPY
         Accounting.received(record.correlated[0][0], 1)
-        self._live_alerts[record.alert_id] = (record, record.occurrences)
+        if self._window_ms > 0 and record.severity != "critical":  # it may still fold
+            self._live_alerts[record.alert_id] = (record, record.occurrences)
 
     def ship_alert_updates(self) -> None:
         """Store again the alerts whose occurrence count grew; forget those that can't."""

@@ -163,7 +163,7 @@ class Delivery:
             await self._call(backend.log_batch, run_id, [], [], tags)
             await self._call(backend.end_run, run_id, status, end_time)
             self._acct.count(run, "run", "delivered", 1)
-            del self._router.backlogs[run]
+            self._router.finished(run)
 
     async def _log_batch(
         self,
@@ -198,7 +198,7 @@ class Delivery:
     async def _deliver_annotations(self, run: Run, run_id: str, b: Backlog) -> None:
         backend = self._backend()
         if b.alerts:
-            counts = self._router.alert_counts.setdefault(run.key, {})
+            counts = run.alert_counts
             b.alert_chunks.append(prepare_alerts(b.alerts, counts))
             b.alerts = []
         directory = self._settings.spool_dir

@@ -95,7 +95,7 @@ class Exporter:
         self._settings = settings
         self._backend_factory = backend_factory
         self._observe = observe
-        self._router = Router(settings.alert_dedupe_window)
+        self._router = Router(settings.alert_dedupe_window, runs.release)
         self._call = StoreCalls(settings.export_timeout)
         self._health = Health()
         self._dead = DeadLetters(settings.spool_dir)
@@ -401,13 +401,15 @@ class Exporter:
                         continue  # its start is still in the lane: next round
                     self._drop_backlog(run, b.counts(), "no_run_start")
                 else:
-                    counts = router.alert_counts.setdefault(run.key, {})
+                    ends = b.end is not None
                     try:
-                        spooler.spool_backlog(run, b, counts)
+                        spooler.spool_backlog(run, b)
                     except Exception as exc:  # what is left is dead-lettered
                         for kind, n in b.counts().items():
                             self._isolation.reject("spooling", kind, run, [], exc, n=n)
-                del router.backlogs[run]
+                    if ends:
+                        router.finished(run)
+                router.backlogs.pop(run, None)
         if final and spooler.own_pending:
             logger.warning(
                 "allele-observability: %d events are in the spool %s; they are replayed at "

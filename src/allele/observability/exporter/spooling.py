@@ -125,11 +125,8 @@ class Spooler:
         return self._spool
 
     # -- in -------------------------------------------------------------------------------
-    def spool_backlog(self, run: Run, b: Backlog, alert_counts: dict[str, int]) -> None:
-        """
-        Move everything ``b`` holds into the spool (the run start first, its end last);
-        ``alert_counts`` are the run's running alert counts.
-        """
+    def spool_backlog(self, run: Run, b: Backlog) -> None:
+        """Move everything ``b`` holds into the spool (the run start first, its end last)."""
         head = (self.instance, run.key, self._settings.experiment_prefix + run.experiment)
         run_id = run.created_id
         records: list[Record] = []
@@ -155,7 +152,7 @@ class Spooler:
             records.append(BatchRecord(*head, run_id, bm, [], [], system=True))
         if b.alerts:
             try:
-                b.alert_chunks.append(prepare_alerts(b.alerts, alert_counts))
+                b.alert_chunks.append(prepare_alerts(b.alerts, run.alert_counts))
             except Exception as exc:  # isolated to these alerts
                 n = sum(1 for *_, role in b.alerts if role == PRIMARY)
                 self._isolation.reject("preparing alerts", "alert", run, b.alerts, exc, n=n)
@@ -256,6 +253,9 @@ class Spooler:
             self._acct.move(run, kind, "spooled", "delivered", n - dead)
             self._acct.move(run, kind, "spooled", "dead_lettered", dead)
             self.own_pending -= n
+        if isinstance(record, EndRecord):  # the run is done here: release it
+            self._own_runs.pop(record.key, None)
+            self._started.discard(record.key)
 
     def _end_tags(self, record: EndRecord) -> list[tuple[str, str]] | None:
         """Fresh accounting tags for our own runs (the spooled ones are delivered by now)."""

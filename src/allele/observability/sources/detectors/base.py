@@ -7,20 +7,22 @@ state; subclasses (see :mod:`.builtin`) only create and check that state.
 
 from __future__ import annotations
 
+import functools
 import logging
 import math
 from fnmatch import fnmatchcase
 from typing import TYPE_CHECKING, Any, ClassVar, NamedTuple
 
 if TYPE_CHECKING:
+    from collections import deque
     from collections.abc import Callable
 
-__all__ = ("Detector", "Finding", "run_isolated")
+__all__ = ("Detector", "Finding", "release_runs", "run_isolated")
 
 logger = logging.getLogger("allele.observability")
 
 
-def run_isolated(detectors: list[Any], feed: Callable[[Any], None]) -> None:
+def run_isolated(detectors: list[Any], feed: Callable[[Any], object]) -> None:
     """
     Call ``feed(detector)`` for each detector; one that raises is removed from
     ``detectors`` with one warning (its traceback), and the others go on.
@@ -38,6 +40,20 @@ def run_isolated(detectors: list[Any], feed: Callable[[Any], None]) -> None:
 
 
 _SEVERITIES = ("info", "warning", "error", "critical")
+
+
+def release_runs(detectors: list[Any], keys: deque[str]) -> None:
+    """Forget the per-series state of the runs in ``keys`` (which is emptied)."""
+    for _ in range(len(keys)):
+        key = keys.popleft()
+        if detectors:
+            run_isolated(detectors, functools.partial(_reset, key=key))
+
+
+def _reset(detector: Any, key: str) -> None:
+    reset = getattr(detector, "reset", None)
+    if reset is not None:
+        reset(key)
 
 
 class Finding(NamedTuple):
