@@ -17,6 +17,8 @@ from typing import Annotated, Any, Literal
 from pydantic import Field, SecretStr, ValidationError, field_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
+from ._core.redact import MASK, redact
+
 __all__ = ("ENV_PREFIX", "ConfigError", "SamplingRule", "Settings", "load_settings")
 
 ENV_PREFIX = "ALLELE_MLFLOW_"
@@ -127,6 +129,8 @@ class Settings(BaseSettings):
         extra="forbid",
         validate_default=True,
         arbitrary_types_allowed=True,
+        # a rejected value may be a URI with a password: load_settings shows it redacted
+        hide_input_in_errors=True,
     )
 
     # -- the original specification's variables --------------------------------------
@@ -211,24 +215,35 @@ class Settings(BaseSettings):
         shown = ", ".join(f"{k}={v!r}" for k, v in self.redacted().items())
         return f"Settings({shown})"
 
+    def __str__(self) -> str:
+        return " ".join(f"{k}={v!r}" for k, v in self.redacted().items())
+
+    def __repr_args__(self) -> Any:
+        # pydantic's pretty printers (devtools, rich) read this rather than __repr__
+        return list(self.redacted().items())
+
     def redacted(self) -> dict[str, Any]:
         """
         Return the effective settings as plain values with secrets replaced by ``'***'``.
+
+        Token and password are ``'***'`` when set; every text value (the URIs, the
+        artifact location) goes through :func:`~._core.redact.redact`, which hides the
+        user info of a URI and credential-like query parameters.
         """
         out: dict[str, Any] = {}
         for name in type(self).model_fields:
             value = getattr(self, name)
             if isinstance(value, SecretStr):
-                value = "***"
+                value = MASK
             elif isinstance(value, Path):
-                value = str(value)
+                value = redact(value)
             elif name == "sampling":
                 value = {
                     g: {"every": r.every, "max_per_second": r.max_per_second}
                     for g, r in value.items()
                 }
-            elif name.endswith("uri") and isinstance(value, str):
-                value = _redact_uri(value)
+            elif isinstance(value, str):
+                value = redact(value)
             out[name] = value
         return out
 
@@ -251,16 +266,6 @@ class Settings(BaseSettings):
         return None
 
 
-def _redact_uri(uri: str) -> str:
-    """Hide a password embedded in a URI (``scheme://user:secret@host``)."""
-    scheme, sep, rest = uri.partition("://")
-    if not sep or "@" not in rest:
-        return uri
-    creds, _, host = rest.rpartition("@")
-    user = creds.split(":", 1)[0]
-    return f"{scheme}://{user}:***@{host}"
-
-
 def load_settings(**overrides: Any) -> Settings:
     """
     Read the settings from the environment, with keyword overrides.
@@ -276,8 +281,10 @@ def load_settings(**overrides: Any) -> Settings:
             field = str(err["loc"][0]) if err["loc"] else "?"
             var = ENV_PREFIX + field.upper()
             source = "keyword argument" if field in overrides else "environment variable"
-            shown = _redact_uri(str(err.get("input"))) if "uri" in field else err.get("input")
+            shown = err.get("input")
+            if isinstance(shown, str):
+                shown = redact(shown)
             if field.startswith("tracking_") and field != "tracking_uri":
-                shown = "***"
+                shown = MASK
             problems.append(f"{var} ({source} {field}={shown!r}): {err['msg']}")
         raise ConfigError("invalid configuration: " + "; ".join(problems)) from None

@@ -1,7 +1,8 @@
 """
 The disk spool: records that could not be delivered, kept on disk until a replay delivers them.
 
-Layout of a spool directory (directories are created with mode 0700, files with 0600)::
+Layout of a spool directory (every folder level created is mode 0700, files are 0600,
+whatever the umask: :mod:`.._core.files`)::
 
     <spool_dir>/
       segments/seg-<time_ns:020d>-<pid>-<seq:06d>.spool   live segments, replayed oldest first
@@ -41,6 +42,7 @@ import weakref
 from pathlib import Path
 from typing import TYPE_CHECKING, Literal, NamedTuple
 
+from .._core.files import open_private, private_dir
 from .claims import acquire
 from .frames import encode_frame, iter_frames
 
@@ -182,13 +184,12 @@ class Spool:
             return True
 
     def _open_segment(self) -> None:
-        for folder in (self.directory, self._folder):
-            folder.mkdir(mode=0o700, parents=True, exist_ok=True)
+        private_dir(self._folder)
         self._last_ns = max(time.time_ns(), self._last_ns + 1)
         self._seq += 1
         path = self._folder / f"seg-{self._last_ns:020d}-{self._pid}-{self._seq:06d}.spool"
         temporary = path.with_name(f".{path.name}.tmp")
-        fd = os.open(temporary, os.O_CREAT | os.O_EXCL | os.O_WRONLY | os.O_APPEND, 0o600)
+        fd = open_private(temporary, os.O_CREAT | os.O_EXCL | os.O_WRONLY | os.O_APPEND)
         try:
             fcntl.flock(fd, fcntl.LOCK_EX)
             os.rename(temporary, path)
