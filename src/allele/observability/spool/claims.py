@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING
 
 from .._core.files import open_private, private_dir
 from .frames import HEADER, decode_record, iter_frames
+from .safety import refusal
 
 if TYPE_CHECKING:
     from collections.abc import Iterator
@@ -74,6 +75,12 @@ class Claim:
                     yield offset, record
                     continue
             self._spool.note_claim(corrupt=1)
+
+    def refusal(self) -> str | None:
+        """Why this segment must not be replayed (another user's, writable by others)."""
+        if self._fd is None:
+            raise RuntimeError(f"claim of {self.path} is finished")
+        return refusal(os.fstat(self._fd))
 
     def done(self) -> None:
         """Everything was delivered: move the segment to ``replayed/`` and release it."""
