@@ -267,8 +267,8 @@ def test_chunks_and_tracebacks_are_private(
         1 / 0  # noqa: B018
     assert obs.flush(timeout=30)
     written = [p for p in tmp_path.rglob("*") if p.is_file() and p.suffix in (".jsonl", ".txt")]
-    names = sorted(p.name.split("-")[0] for p in written)
-    assert ["alerts", "phases", "traceback.txt"] == names
+    # one chunk per delivery round: the alert and run.failed may come in one or two
+    assert {"alerts", "phases", "traceback.txt"} == {p.name.split("-")[0] for p in written}
     folders = {f for p in written for f in p.parents if f.is_relative_to(tmp_path / "deep")}
     assert len(folders) >= 5  # deep, spool, annotations, <run key>, tracebacks, ...
     modes = {str(p): _mode(p) for p in [*written, *folders]}
