@@ -136,13 +136,10 @@ def test_a_password_in_a_sqlite_uri_shows_nowhere(
     assert [] == _leaks(*(r.getMessage() for r in caplog.records), caplog.text)
     from mlflow import MlflowClient
 
-    [run] = MlflowClient(tracking_uri=f"sqlite:///{db}").search_runs(
-        [
-            MlflowClient(tracking_uri=f"sqlite:///{db}")
-            .get_experiment_by_name("secrets")
-            .experiment_id
-        ]
-    )
+    client = MlflowClient(tracking_uri=f"sqlite:///{db}")
+    exp = client.get_experiment_by_name("secrets")
+    assert exp is not None
+    [run] = client.search_runs([exp.experiment_id])
     assert {"fitness": 1.5} == run.data.metrics  # the worker got the URI over its pipe
 
 
@@ -161,6 +158,19 @@ def test_store_errors_and_config_errors_hide_the_secret() -> None:
         Settings(tracking_uri=f"ftp://bob:{SECRET}@h/x")
     assert [] == _leaks(caught.value, caught.value.message, config_error.value)
     assert [] == _leaks(validation_error.value)
+
+
+def test_cli_errors_from_mlflow_are_redacted(store_uri: str) -> None:
+    """MLflow's error quotes the registry URI it refuses; the CLI's line does not."""
+    registry = f"foo://bob:{SECRET}@nowhere/x"
+    result = CliRunner().invoke(
+        main,
+        ["genomes", "list", "g", "--tracking-uri", store_uri, "--registry-uri", registry],
+    )
+    assert 1 == result.exit_code, result.output
+    assert "MLflow failed" in result.output
+    assert "foo://bob:***@nowhere/x" in result.output
+    assert [] == _leaks(result.output)
 
 
 def _fail(message: str) -> None:
@@ -215,7 +225,9 @@ def test_a_password_in_an_http_uri_shows_nowhere(
     from mlflow import MlflowClient
 
     client = MlflowClient(tracking_uri=mlflow_server.url)
-    [run] = client.search_runs([client.get_experiment_by_name("sec_e").experiment_id])
+    exp = client.get_experiment_by_name("sec_e")
+    assert exp is not None
+    [run] = client.search_runs([exp.experiment_id])
     assert {"fitness": 2.5} == run.data.metrics
 
 
