@@ -235,7 +235,9 @@ def test_a_password_in_an_http_uri_shows_nowhere(
 @pytest.mark.usefixtures("permissive_umask")
 def test_spool_files_are_private_at_every_level(tmp_path: Path) -> None:
     """Under umask 0: segments, offsets, replayed segments, run map and dead letters."""
-    spool_dir = tmp_path / "made" / "by" / "us" / "spool"
+    existing = tmp_path / "existing"
+    existing.mkdir(mode=0o755)
+    spool_dir = existing / "made" / "by" / "us" / "spool"
     spool = Spool(spool_dir)
     for i in range(3):
         assert spool.append({"i": i})
@@ -253,13 +255,13 @@ def test_spool_files_are_private_at_every_level(tmp_path: Path) -> None:
     RunMap(spool_dir).put("key", "run-id")
     dead = DeadLetters(tmp_path / "dead" / "letters")
     dead.append({"kind": "metric", "reason": "rejected"})
-    folders = [tmp_path / "made", tmp_path / "made" / "by", tmp_path / "made" / "by" / "us"]
+    folders = [existing / "made", existing / "made" / "by", existing / "made" / "by" / "us"]
     folders += [spool_dir, spool_dir / SEGMENTS, spool_dir / REPLAYED]
     folders += [tmp_path / "dead", tmp_path / "dead" / "letters"]
     assert {str(f): 0o700 for f in folders} == {str(f): _mode(f) for f in folders}
     files = [replayed, spool_dir / "runs.jsonl", dead.path]
     assert {str(f): 0o600 for f in files} == {str(f): _mode(f) for f in files}
-    assert 0o1777 == stat.S_IMODE(os.stat("/tmp").st_mode)  # a parent we did not create
+    assert 0o755 == _mode(existing)  # a parent that existed is left as it was
 
 
 @pytest.mark.usefixtures("permissive_umask")

@@ -45,6 +45,14 @@ _warned: set[tuple[str, str]] = set()
 _warned_lock = threading.Lock()
 
 
+def _after_fork() -> None:
+    global _warned_lock  # noqa: PLW0603 - a lock a forked child may inherit held
+    _warned_lock = threading.Lock()
+
+
+os.register_at_fork(after_in_child=_after_fork)
+
+
 def refusal(info: os.stat_result) -> str | None:
     """Why a spool file or folder with this ``stat`` must not be replayed, or None."""
     if info.st_uid != os.geteuid():
