@@ -17,7 +17,7 @@ ROOT = Path(__file__).resolve().parent.parent / "src" / "allele" / "observabilit
 #: a module may import modules of its own package and of lower layers only; the most
 #: specific prefix names a module's layer ("" is the package's own __init__)
 LAYERS: tuple[tuple[str, ...], ...] = (
-    ("config", "_core.redact"),
+    ("config",),
     (
         "_core.context",
         "_core.names",

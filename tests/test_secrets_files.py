@@ -25,12 +25,11 @@ import pytest
 from click.testing import CliRunner
 
 from allele.observability import Observability, Queries
-from allele.observability._core.redact import redact
 from allele.observability.backends.base import DeliveryError
 from allele.observability.backends.factory import make_backend
 from allele.observability.backends.process import ProcessBackend
 from allele.observability.cli import main
-from allele.observability.config import ConfigError, Settings, load_settings
+from allele.observability.config import ConfigError, Settings, load_settings, redact
 from allele.observability.genomes.reader import GenomeReader
 from allele.observability.sinks.deadletter import DeadLetters
 from allele.observability.spool.records import ArtifactRecord, EndRecord, RunRecord, encode

@@ -4,24 +4,132 @@ Configuration from ``ALLELE_MLFLOW_*`` environment variables.
 One :class:`Settings` model holds every knob. ``Settings()`` reads the environment;
 keyword arguments override it. Invalid values raise :class:`ConfigError`, whose message
 names the environment variable, at start-up rather than deep inside the exporter.
+
+:func:`redact` is the one function that hides credentials in whatever the library shows:
+the user info of a URI (``https://TOKEN@host`` -> ``https://***@host``,
+``postgresql://user:pass@host/db`` -> ``postgresql://user:***@host/db``), the values of
+credential-like ``name=value`` parameters (``?password=``, ``&token=``, ``api_key``,
+``secret``, ``signature``, ``sig``, ...) and ``Bearer``/``Basic``/``Token`` values. It lives
+here, in the lowest layer, because the settings are the first thing that must not show a
+secret; the str and repr of :class:`Settings`, ``ConfigError`` messages, ``DeliveryError``
+messages, the reprs of backends and readers and the CLI use it, and
+:class:`RedactFilter`, installed on the ``allele.observability`` logger when this module
+is imported, applies it to every log record (message and traceback text).
 """
 
 from __future__ import annotations
 
 import json
+import logging
 import math
 import os
+import re
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
 from pydantic import Field, SecretStr, ValidationError, field_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
-from ._core.redact import MASK, redact
-
-__all__ = ("ENV_PREFIX", "ConfigError", "SamplingRule", "Settings", "load_settings")
+__all__ = (
+    "ENV_PREFIX",
+    "MASK",
+    "ConfigError",
+    "RedactFilter",
+    "SamplingRule",
+    "Settings",
+    "load_settings",
+    "redact",
+)
 
 ENV_PREFIX = "ALLELE_MLFLOW_"
+
+# -- redaction (see the module's docstring) ----------------------------------------------
+#: the library's logger
+LOGGER_NAME = "allele.observability"
+
+#: what a hidden value is replaced with
+MASK = "***"
+
+# scheme://userinfo@ : the user info runs to the last "@" before the path, query or end.
+_USERINFO = re.compile(
+    r"(?P<scheme>\b[a-zA-Z][a-zA-Z0-9+.\-]*://)(?P<info>[^/\s?#@]*(?:@[^/\s?#@]*)*)@"
+)
+# name=value where the name says it is a credential; at a query, a DSN or a word boundary.
+_NAMES = (
+    "password|passwd|passphrase|token|secret|signature|credential"
+    "|api_?key|private_?key|access_?key|session_?key"
+)
+_SECRET_NAMES = rf"[\w.\-]*(?:{_NAMES})[\w.\-]*|pwd|sig"
+_PARAM = re.compile(
+    rf"(?P<lead>(?:^|[?&;,\s({{\[\"']))(?P<name>{_SECRET_NAMES})(?P<eq>=)"
+    r"(?P<quote>[\"']?)(?P<value>[^&;,\s#\"')}\]]+)",
+    re.IGNORECASE,
+)
+_AUTH = re.compile(r"\b(?P<kind>Bearer|Basic|Token)\s+(?P<value>[A-Za-z0-9._~+/\-]+=*)")
+
+
+def _userinfo(match: re.Match[str]) -> str:
+    info = match["info"]
+    user, sep, _ = info.partition(":")
+    shown = f"{user}:{MASK}" if sep else MASK
+    return f"{match['scheme']}{shown}@"
+
+
+def _param(match: re.Match[str]) -> str:
+    if match["value"] == MASK:
+        return match[0]
+    return f"{match['lead']}{match['name']}{match['eq']}{match['quote']}{MASK}"
+
+
+def redact(text: object) -> str:
+    """
+    Return ``str(text)`` with every credential it holds replaced by ``***``.
+
+    Safe on any text (a URI, a log line, an exception message, a repr): what is not a
+    credential is left as it is. Idempotent.
+
+    >>> redact("postgresql://bob:hunter2@db/mlflow?sslmode=require&password=x")
+    'postgresql://bob:***@db/mlflow?sslmode=require&password=***'
+    """
+    out = text if isinstance(text, str) else str(text)
+    if "@" in out:
+        out = _USERINFO.sub(_userinfo, out)
+    if "=" in out:
+        out = _PARAM.sub(_param, out)
+    if " " in out:
+        out = _AUTH.sub(lambda m: f"{m['kind']} {MASK}", out)
+    return out
+
+
+class RedactFilter(logging.Filter):
+    """
+    A logging filter that redacts a record's message and traceback text; drops nothing.
+    """
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        """Redact ``record`` in place; always keep it."""
+        try:
+            message = record.getMessage()
+        except Exception:  # a broken record is the handler's to report
+            return True
+        clean = redact(message)
+        if clean != message:
+            record.msg, record.args = clean, ()
+        if record.exc_info and record.exc_info[0] is not None and not record.exc_text:
+            record.exc_text = redact(_FORMATTER.formatException(record.exc_info))
+        return True
+
+
+_FORMATTER = logging.Formatter()
+
+
+def _install_log_filter() -> None:
+    logger = logging.getLogger(LOGGER_NAME)
+    if not any(isinstance(f, RedactFilter) for f in logger.filters):
+        logger.addFilter(RedactFilter())
+
+
+_install_log_filter()
 
 
 class ConfigError(ValueError):
@@ -227,7 +335,7 @@ class Settings(BaseSettings):
         Return the effective settings as plain values with secrets replaced by ``'***'``.
 
         Token and password are ``'***'`` when set; every text value (the URIs, the
-        artifact location) goes through :func:`~._core.redact.redact`, which hides the
+        artifact location) goes through :func:`redact`, which hides the
         user info of a URI and credential-like query parameters.
         """
         out: dict[str, Any] = {}

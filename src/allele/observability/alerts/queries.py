@@ -26,7 +26,7 @@ import re
 from fnmatch import fnmatchcase
 from typing import TYPE_CHECKING, Any
 
-from .._core.redact import redact
+from ..config import redact
 from .reading import MlflowReader
 from .results import (
     PHASE_FIELDS,

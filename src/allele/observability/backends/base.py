@@ -16,7 +16,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Protocol
 
-from .._core.redact import redact
+from ..config import redact
 
 if TYPE_CHECKING:
     from collections.abc import Sequence

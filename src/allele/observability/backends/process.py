@@ -33,7 +33,7 @@ import threading
 import time
 from typing import IO, TYPE_CHECKING, Any
 
-from .._core.redact import redact
+from ..config import redact
 from .base import DeliveryError, MetricRow, ParamRow, TagRow
 
 if TYPE_CHECKING:

@@ -8,7 +8,7 @@ from typing import Any, TypeVar
 
 import click
 
-from .._core.redact import redact
+from ..config import redact
 
 __all__ = ("handle_errors",)
 
@@ -23,7 +23,7 @@ def handle_errors(
     """
     Turn expected failures into one line on stderr and an exit code: 2 for ``usage``
     errors (bad configuration or arguments), 1 for ``not_found`` and for MLflow failures.
-    The line is redacted (:func:`~.._core.redact.redact`): MLflow's errors quote URIs.
+    The line is redacted (:func:`~..config.redact`): MLflow's errors quote URIs.
     """
 
     def decorate(fn: _F) -> _F:

@@ -15,7 +15,7 @@ from collections import deque
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
-from .._core.redact import redact
+from ..config import redact
 from .identity import diff_genomes
 from .stats import welch_t_test
 from .types import (
