@@ -18,7 +18,14 @@ ROOT = Path(__file__).resolve().parent.parent / "src" / "allele" / "observabilit
 #: specific prefix names a module's layer ("" is the package's own __init__)
 LAYERS: tuple[tuple[str, ...], ...] = (
     ("config",),
-    ("_core.context", "_core.names", "_core.accounting", "_core.runs", "_core.sampling"),
+    (
+        "_core.context",
+        "_core.names",
+        "_core.accounting",
+        "_core.runs",
+        "_core.sampling",
+        "_core.files",
+    ),
     ("sources",),
     ("genomes", "backends"),
     ("alerts",),

@@ -4,22 +4,132 @@ Configuration from ``ALLELE_MLFLOW_*`` environment variables.
 One :class:`Settings` model holds every knob. ``Settings()`` reads the environment;
 keyword arguments override it. Invalid values raise :class:`ConfigError`, whose message
 names the environment variable, at start-up rather than deep inside the exporter.
+
+:func:`redact` is the one function that hides credentials in whatever the library shows:
+the user info of a URI (``https://TOKEN@host`` -> ``https://***@host``,
+``postgresql://user:pass@host/db`` -> ``postgresql://user:***@host/db``), the values of
+credential-like ``name=value`` parameters (``?password=``, ``&token=``, ``api_key``,
+``secret``, ``signature``, ``sig``, ...) and ``Bearer``/``Basic``/``Token`` values. It lives
+here, in the lowest layer, because the settings are the first thing that must not show a
+secret; the str and repr of :class:`Settings`, ``ConfigError`` messages, ``DeliveryError``
+messages, the reprs of backends and readers and the CLI use it, and
+:class:`RedactFilter`, installed on the ``allele.observability`` logger when this module
+is imported, applies it to every log record (message and traceback text).
 """
 
 from __future__ import annotations
 
 import json
+import logging
 import math
 import os
+import re
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
 from pydantic import Field, SecretStr, ValidationError, field_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
-__all__ = ("ENV_PREFIX", "ConfigError", "SamplingRule", "Settings", "load_settings")
+__all__ = (
+    "ENV_PREFIX",
+    "MASK",
+    "ConfigError",
+    "RedactFilter",
+    "SamplingRule",
+    "Settings",
+    "load_settings",
+    "redact",
+)
 
 ENV_PREFIX = "ALLELE_MLFLOW_"
+
+# -- redaction (see the module's docstring) ----------------------------------------------
+#: the library's logger
+LOGGER_NAME = "allele.observability"
+
+#: what a hidden value is replaced with
+MASK = "***"
+
+# scheme://userinfo@ : the user info runs to the last "@" before the path, query or end.
+_USERINFO = re.compile(
+    r"(?P<scheme>\b[a-zA-Z][a-zA-Z0-9+.\-]*://)(?P<info>[^/\s?#@]*(?:@[^/\s?#@]*)*)@"
+)
+# name=value where the name says it is a credential; at a query, a DSN or a word boundary.
+_NAMES = (
+    "password|passwd|passphrase|token|secret|signature|credential"
+    "|api_?key|private_?key|access_?key|session_?key"
+)
+_SECRET_NAMES = rf"[\w.\-]*(?:{_NAMES})[\w.\-]*|pwd|sig"
+_PARAM = re.compile(
+    rf"(?P<lead>(?:^|[?&;,\s({{\[\"']))(?P<name>{_SECRET_NAMES})(?P<eq>=)"
+    r"(?P<quote>[\"']?)(?P<value>[^&;,\s#\"')}\]]+)",
+    re.IGNORECASE,
+)
+_AUTH = re.compile(r"\b(?P<kind>Bearer|Basic|Token)\s+(?P<value>[A-Za-z0-9._~+/\-]+=*)")
+
+
+def _userinfo(match: re.Match[str]) -> str:
+    info = match["info"]
+    user, sep, _ = info.partition(":")
+    shown = f"{user}:{MASK}" if sep else MASK
+    return f"{match['scheme']}{shown}@"
+
+
+def _param(match: re.Match[str]) -> str:
+    if match["value"] == MASK:
+        return match[0]
+    return f"{match['lead']}{match['name']}{match['eq']}{match['quote']}{MASK}"
+
+
+def redact(text: object) -> str:
+    """
+    Return ``str(text)`` with every credential it holds replaced by ``***``.
+
+    Safe on any text (a URI, a log line, an exception message, a repr): what is not a
+    credential is left as it is. Idempotent.
+
+    >>> redact("postgresql://bob:hunter2@db/mlflow?sslmode=require&password=x")
+    'postgresql://bob:***@db/mlflow?sslmode=require&password=***'
+    """
+    out = text if isinstance(text, str) else str(text)
+    if "@" in out:
+        out = _USERINFO.sub(_userinfo, out)
+    if "=" in out:
+        out = _PARAM.sub(_param, out)
+    if " " in out:
+        out = _AUTH.sub(lambda m: f"{m['kind']} {MASK}", out)
+    return out
+
+
+class RedactFilter(logging.Filter):
+    """
+    A logging filter that redacts a record's message and traceback text; drops nothing.
+    """
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        """Redact ``record`` in place; always keep it."""
+        try:
+            message = record.getMessage()
+        except Exception:  # a broken record is the handler's to report
+            return True
+        clean = redact(message)
+        if clean != message:
+            record.msg, record.args = clean, ()
+        if record.exc_info and record.exc_info[0] is not None and not record.exc_text:
+            record.exc_text = redact(_FORMATTER.formatException(record.exc_info))
+        return True
+
+
+_FORMATTER = logging.Formatter()
+
+
+def _install_log_filter() -> None:
+    logger = logging.getLogger(LOGGER_NAME)
+    if not any(isinstance(f, RedactFilter) for f in logger.filters):
+        logger.addFilter(RedactFilter())
+
+
+_install_log_filter()
 
 
 class ConfigError(ValueError):
@@ -127,6 +237,8 @@ class Settings(BaseSettings):
         extra="forbid",
         validate_default=True,
         arbitrary_types_allowed=True,
+        # a rejected value may be a URI with a password: load_settings shows it redacted
+        hide_input_in_errors=True,
     )
 
     # -- the original specification's variables --------------------------------------
@@ -211,24 +323,35 @@ class Settings(BaseSettings):
         shown = ", ".join(f"{k}={v!r}" for k, v in self.redacted().items())
         return f"Settings({shown})"
 
+    def __str__(self) -> str:
+        return " ".join(f"{k}={v!r}" for k, v in self.redacted().items())
+
+    def __repr_args__(self) -> Any:
+        # pydantic's pretty printers (devtools, rich) read this rather than __repr__
+        return list(self.redacted().items())
+
     def redacted(self) -> dict[str, Any]:
         """
         Return the effective settings as plain values with secrets replaced by ``'***'``.
+
+        Token and password are ``'***'`` when set; every text value (the URIs, the
+        artifact location) goes through :func:`redact`, which hides the
+        user info of a URI and credential-like query parameters.
         """
         out: dict[str, Any] = {}
         for name in type(self).model_fields:
             value = getattr(self, name)
             if isinstance(value, SecretStr):
-                value = "***"
+                value = MASK
             elif isinstance(value, Path):
-                value = str(value)
+                value = redact(value)
             elif name == "sampling":
                 value = {
                     g: {"every": r.every, "max_per_second": r.max_per_second}
                     for g, r in value.items()
                 }
-            elif name.endswith("uri") and isinstance(value, str):
-                value = _redact_uri(value)
+            elif isinstance(value, str):
+                value = redact(value)
             out[name] = value
         return out
 
@@ -251,16 +374,6 @@ class Settings(BaseSettings):
         return None
 
 
-def _redact_uri(uri: str) -> str:
-    """Hide a password embedded in a URI (``scheme://user:secret@host``)."""
-    scheme, sep, rest = uri.partition("://")
-    if not sep or "@" not in rest:
-        return uri
-    creds, _, host = rest.rpartition("@")
-    user = creds.split(":", 1)[0]
-    return f"{scheme}://{user}:***@{host}"
-
-
 def load_settings(**overrides: Any) -> Settings:
     """
     Read the settings from the environment, with keyword overrides.
@@ -276,8 +389,10 @@ def load_settings(**overrides: Any) -> Settings:
             field = str(err["loc"][0]) if err["loc"] else "?"
             var = ENV_PREFIX + field.upper()
             source = "keyword argument" if field in overrides else "environment variable"
-            shown = _redact_uri(str(err.get("input"))) if "uri" in field else err.get("input")
+            shown = err.get("input")
+            if isinstance(shown, str):
+                shown = redact(shown)
             if field.startswith("tracking_") and field != "tracking_uri":
-                shown = "***"
+                shown = MASK
             problems.append(f"{var} ({source} {field}={shown!r}): {err['msg']}")
         raise ConfigError("invalid configuration: " + "; ".join(problems)) from None

@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING, Any
 
 from ..alerts.record import categorize
 from .context import CURRENT_RUN, program_name
+from .files import open_private, private_dir
 from .names import (
     MAX_PARAM_VALUE_LENGTH,
     MAX_TAG_VALUE_LENGTH,
@@ -186,10 +187,11 @@ class RunTracker:
             return
         text = "".join(traceback.format_exception(type(exc), exc, tb))
         try:
-            directory = self._settings.spool_dir / "tracebacks" / run.key
-            directory.mkdir(parents=True, exist_ok=True)
+            directory = private_dir(self._settings.spool_dir / "tracebacks" / run.key)
             path = directory / "traceback.txt"
-            path.write_text(text, encoding="utf-8")
+            fd = open_private(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC)
+            with os.fdopen(fd, "w", encoding="utf-8") as fh:
+                fh.write(text)
             self._control("artifact", ("artifact", run, str(path), "error"))
         except OSError as err:
             logger.warning("allele-observability: cannot keep the traceback: %s", err)

@@ -26,6 +26,7 @@ import re
 from fnmatch import fnmatchcase
 from typing import TYPE_CHECKING, Any
 
+from ..config import redact
 from .reading import MlflowReader
 from .results import (
     PHASE_FIELDS,
@@ -85,7 +86,8 @@ class Queries(MlflowReader):
         return cls(settings.tracking_uri, experiment_prefix=settings.experiment_prefix)
 
     def __repr__(self) -> str:
-        return f"Queries({self.tracking_uri!r}, experiment_prefix={self.experiment_prefix!r})"
+        uri = redact(self.tracking_uri)
+        return f"Queries({uri!r}, experiment_prefix={self.experiment_prefix!r})"
 
     # -- public queries -------------------------------------------------------------------------
     def alerts(

@@ -22,6 +22,7 @@ import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from .._core.files import open_private, private_dir
 from .record import alert_key
 
 if TYPE_CHECKING:
@@ -100,11 +101,10 @@ def prepare_alerts(
 
 
 def write_chunk(directory: Path, run_key: str, kind: str, records: list[dict[str, Any]]) -> str:
-    """Write records as JSON lines to a new chunk file; return its path."""
-    folder = Path(directory) / "annotations" / run_key
-    folder.mkdir(parents=True, exist_ok=True, mode=0o700)
+    """Write records as JSON lines to a new chunk file (0600, folders 0700); return its path."""
+    folder = private_dir(Path(directory) / "annotations" / run_key)
     path = folder / f"{kind}-{next(_seq):06d}-{time.time_ns() // 1_000_000}.jsonl"
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    fd = open_private(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC)
     with os.fdopen(fd, "w", encoding="utf-8") as fh:
         for record in records:
             fh.write(json.dumps(record, allow_nan=True, default=str) + "\n")

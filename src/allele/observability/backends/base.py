@@ -16,6 +16,8 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Protocol
 
+from ..config import redact
+
 if TYPE_CHECKING:
     from collections.abc import Sequence
 
@@ -45,7 +47,7 @@ class DeliveryError(Exception):
 
     Args:
         reason: one of :data:`REASONS`.
-        message: what the store said (safe to log: never contains secrets).
+        message: what the store said (safe to log: credentials are redacted here).
         retryable: False when sending the same request again cannot succeed
             (MLflow rejected it: bad name, param re-logged with another value, ...).
         retry_after: seconds the server asked us to wait (HTTP 429 ``Retry-After``).
@@ -59,6 +61,7 @@ class DeliveryError(Exception):
         retryable: bool,
         retry_after: float | None = None,
     ) -> None:
+        message = redact(message)  # a driver or a URL in the message may quote a password
         super().__init__(f"{reason}: {message}")
         self.reason = reason
         self.message = message

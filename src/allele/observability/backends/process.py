@@ -11,7 +11,10 @@ multiprocessing's spawn does), which would re-run an unguarded experiment script
 worker starts with ``python -m`` and imports nothing of the user's.
 
 Protocol: length-prefixed pickles on the worker's stdin/stdout. Request
-``(method, args, kwargs)``; reply ``(True, result)`` or ``(False, DeliveryError)``.
+``(method, args, kwargs)``; reply ``(True, result)`` or ``(False, DeliveryError)``. The
+first request is ``("open", (tracking_uri,), {})``: the URI, which may hold a password,
+never appears in the worker's argv (``/proc/<pid>/cmdline`` is readable by every user).
+Error messages coming back are redacted (by :class:`~.base.DeliveryError`).
 A worker that dies or overruns its deadline is killed and replaced on the next call;
 the failed call raises a retryable :class:`~._base.DeliveryError`, so the exporter
 retries the batch rather than losing it.
@@ -30,6 +33,7 @@ import threading
 import time
 from typing import IO, TYPE_CHECKING, Any
 
+from ..config import redact
 from .base import DeliveryError, MetricRow, ParamRow, TagRow
 
 if TYPE_CHECKING:
@@ -82,6 +86,9 @@ class ProcessBackend:
         #: worker processes started so far (1 normally; more after crashes)
         self.spawned = 0
 
+    def __repr__(self) -> str:
+        return f"ProcessBackend({redact(self._uri)!r}, timeout={self._timeout:g})"
+
     # -- process management -------------------------------------------------------------
     def _spawn(self) -> subprocess.Popen[bytes]:
         env = dict(os.environ)
@@ -90,7 +97,7 @@ class ProcessBackend:
         env["MLFLOW_HTTP_REQUEST_MAX_RETRIES"] = "0"
         env["MLFLOW_HTTP_REQUEST_TIMEOUT"] = str(max(1, int(self._timeout)))
         proc = subprocess.Popen(
-            [sys.executable, "-m", __name__, self._uri],
+            [sys.executable, "-m", __name__],  # the URI goes over the pipe, not in argv
             stdin=subprocess.PIPE,
             stdout=subprocess.PIPE,
             stderr=subprocess.DEVNULL,
@@ -100,7 +107,7 @@ class ProcessBackend:
         self.spawned += 1
         self._proc = proc
         try:
-            self._roundtrip(proc, ("ping", (), {}), STARTUP_TIMEOUT)
+            self._roundtrip(proc, ("open", (self._uri,), {}), STARTUP_TIMEOUT)
         except BaseException:
             self._kill()
             raise
@@ -234,11 +241,11 @@ class ProcessBackend:
             self._lock.release()
 
 
-def _serve(uri: str) -> None:
-    """Worker main loop: answer requests until stdin closes."""
+def _serve() -> None:
+    """Worker main loop: open the store named by the first request, answer until EOF."""
     from .client import ClientBackend, classify_exception
 
-    backend = ClientBackend(uri)
+    backend: ClientBackend | None = None
     stdin = sys.stdin.buffer
     stdout = sys.stdout.buffer
     sys.stdout = sys.stderr  # nothing the store prints may corrupt the protocol
@@ -250,11 +257,19 @@ def _serve(uri: str) -> None:
         except EOFError:
             return
         try:
-            reply: tuple[bool, Any] = (True, getattr(backend, method)(*args, **kwargs))
+            if method == "open":  # the first request: open the store and ping it
+                backend = ClientBackend(*args)
+                backend.ping()
+                result: Any = None
+            elif backend is None:
+                raise RuntimeError("the delivery worker was not opened")  # noqa: TRY301
+            else:
+                result = getattr(backend, method)(*args, **kwargs)
+            reply: tuple[bool, Any] = (True, result)
         except Exception as exc:
-            reply = (False, classify_exception(exc))
+            reply = (False, classify_exception(exc))  # its message is redacted
         _write_frame(stdout, pickle.dumps(reply, protocol=pickle.HIGHEST_PROTOCOL))
 
 
 if __name__ == "__main__":
-    _serve(sys.argv[1])
+    _serve()

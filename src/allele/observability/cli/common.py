@@ -8,6 +8,8 @@ from typing import Any, TypeVar
 
 import click
 
+from ..config import redact
+
 __all__ = ("handle_errors",)
 
 _F = TypeVar("_F", bound=Callable[..., Any])
@@ -21,6 +23,7 @@ def handle_errors(
     """
     Turn expected failures into one line on stderr and an exit code: 2 for ``usage``
     errors (bad configuration or arguments), 1 for ``not_found`` and for MLflow failures.
+    The line is redacted (:func:`~..config.redact`): MLflow's errors quote URIs.
     """
 
     def decorate(fn: _F) -> _F:
@@ -29,15 +32,15 @@ def handle_errors(
             try:
                 return fn(*args, **kwargs)
             except usage as exc:
-                click.echo(f"{prefix}: {exc}", err=True)
+                click.echo(redact(f"{prefix}: {exc}"), err=True)
                 raise SystemExit(2) from None
             except not_found as exc:
-                click.echo(f"{prefix}: {exc.args[0] if exc.args else exc}", err=True)
+                click.echo(redact(f"{prefix}: {exc.args[0] if exc.args else exc}"), err=True)
                 raise SystemExit(1) from None
             except Exception as exc:
                 if not type(exc).__module__.startswith("mlflow"):
                     raise
-                click.echo(f"{prefix}: MLflow failed: {exc}", err=True)
+                click.echo(redact(f"{prefix}: MLflow failed: {exc}"), err=True)  # may quote a URI
                 raise SystemExit(1) from None
 
         return wrapper  # type: ignore[return-value]

@@ -3,7 +3,9 @@
 
 ``status`` reads the spool directory without changing it. ``replay`` delivers every
 replayable segment (those of processes that have exited or closed them) to the tracking
-store, in order, with a progress bar, and exits non-zero if something is left.
+store, in order, with a progress bar, and exits non-zero if something is left. A spool of
+another user's, or one that group or others may write, is refused and listed
+(:mod:`..spool.safety`).
 """
 
 from __future__ import annotations
@@ -94,7 +96,8 @@ def replay(tracking_uri: str | None, spool_dir: str | None) -> None:
     from ..sinks.registry import GenomeSink
     from ..spool.replay import Replayer
     from ..spool.runmap import RunMap
-    from ..spool.segments import Spool
+    from ..spool.safety import refused_paths
+    from ..spool.segments import SEGMENTS, Spool
 
     settings = _settings(tracking_uri, spool_dir)
     directory = Path(settings.spool_dir)
@@ -124,6 +127,11 @@ def replay(tracking_uri: str | None, spool_dir: str | None) -> None:
         f"into {settings.redacted()['tracking_uri']}; {report.dead_lettered} dead-lettered; "
         f"{store.stats().corrupt_records_skipped} corrupt records skipped"
     )
+    left = [s.path for s in Spool.inspect(directory, count_records=False)]
+    refused = refused_paths(directory, directory / SEGMENTS, left)
+    for path, reason in refused:
+        click.echo(f"refused: {path}: {reason}; left in place, not replayed", err=True)
     if report.error is not None:
         click.echo(f"error: stopped early: {report.error}; run it again later", err=True)
+    if report.error is not None or refused:
         raise SystemExit(1)

@@ -32,6 +32,7 @@ from ..spool.records import (
 from ..spool.replay import Replayer, ReplayReport
 from ..spool.retention import prune
 from ..spool.runmap import RunMap
+from ..spool.safety import stash_artifact
 from ..spool.segments import Spool
 
 if TYPE_CHECKING:
@@ -163,7 +164,9 @@ class Spooler:
         if b.phases:
             records.append(PhasesRecord(*head, run_id, b.phases))
         records.extend(GenomeRecord(*head, run_id, g) for g in b.genomes)
-        records.extend(ArtifactRecord(*head, run_id, p, a) for p, a in b.artifacts)
+        records.extend(
+            ArtifactRecord(*head, run_id, stash_artifact(self._dir, p), a) for p, a in b.artifacts
+        )  # replay uploads only the spool's own copies
         b.metrics, b.system, b.params, b.tags, b.artifacts = [], [], [], [], []
         b.alerts, b.alert_chunks, b.phases, b.genomes = [], [], [], []
         self._own_runs[run.key] = run

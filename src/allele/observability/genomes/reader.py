@@ -15,6 +15,7 @@ from collections import deque
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
+from ..config import redact
 from .identity import diff_genomes
 from .stats import welch_t_test
 from .types import (
@@ -77,8 +78,8 @@ class GenomeReader:
 
     def __repr__(self) -> str:
         return (
-            f"{type(self).__name__}(tracking_uri={self.tracking_uri!r}, "
-            f"registry_uri={self.registry_uri!r}, direction={self.direction!r})"
+            f"{type(self).__name__}(tracking_uri={redact(self.tracking_uri)!r}, "
+            f"registry_uri={redact(self.registry_uri)!r}, direction={self.direction!r})"
         )
 
     @property

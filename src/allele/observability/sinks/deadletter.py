@@ -20,6 +20,8 @@ import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from .._core.files import open_private, private_dir
+
 if TYPE_CHECKING:
     from collections.abc import Sequence
 
@@ -37,7 +39,7 @@ class DeadLetters:
     Appends rejected events to the dead-letter file.
 
     Args:
-        directory: the spool directory; created on first use.
+        directory: the spool directory; created on first use (0700; the file is 0600).
     """
 
     def __init__(self, directory: Path) -> None:
@@ -63,8 +65,8 @@ class DeadLetters:
         line = json.dumps(record, default=str, allow_nan=True) + "\n"
         try:
             with self._lock:
-                self.path.parent.mkdir(parents=True, exist_ok=True)
-                fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
+                private_dir(self.path.parent)
+                fd = open_private(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT)
                 with os.fdopen(fd, "a", encoding="utf-8") as fh:
                     fh.write(line)
         except OSError as exc:

@@ -15,7 +15,9 @@ import fcntl
 import os
 from typing import TYPE_CHECKING
 
+from .._core.files import open_private, private_dir
 from .frames import HEADER, decode_record, iter_frames
+from .safety import refusal
 
 if TYPE_CHECKING:
     from collections.abc import Iterator
@@ -74,6 +76,12 @@ class Claim:
                     continue
             self._spool.note_claim(corrupt=1)
 
+    def refusal(self) -> str | None:
+        """Why this segment must not be replayed (another user's, writable by others)."""
+        if self._fd is None:
+            raise RuntimeError(f"claim of {self.path} is finished")
+        return refusal(os.fstat(self._fd))
+
     def done(self) -> None:
         """Everything was delivered: move the segment to ``replayed/`` and release it."""
         if self._fd is None:
@@ -82,7 +90,7 @@ class Claim:
         try:
             size = os.fstat(fd).st_size
             target = self._spool.replayed_folder / self.path.name
-            target.parent.mkdir(mode=0o700, exist_ok=True)
+            private_dir(target.parent)
             os.rename(self.path, target)
             os.utime(target)  # retention counts from the replay
             with contextlib.suppress(FileNotFoundError):
@@ -107,7 +115,7 @@ class Claim:
                 if resume_offset < 0:
                     raise ValueError(f"resume_offset must be >= 0, got {resume_offset}")
                 temporary = self._sidecar.with_name(f".{self._sidecar.name}.tmp")
-                out = os.open(temporary, os.O_CREAT | os.O_TRUNC | os.O_WRONLY, 0o600)
+                out = open_private(temporary, os.O_CREAT | os.O_TRUNC | os.O_WRONLY)
                 try:
                     os.write(out, b"%d\n" % resume_offset)
                 finally:

@@ -33,6 +33,7 @@ from .records import (
     decode,
     encode,
 )
+from .safety import check_artifact, discard_artifact
 
 if TYPE_CHECKING:
     from collections.abc import Callable
@@ -198,7 +199,9 @@ class Replayer:
             elif isinstance(record, BatchRecord):
                 self._log_isolating(record, self._run_id(record))
             elif isinstance(record, ArtifactRecord):
+                check_artifact(self._spool.directory, record.path)  # only the spool's copies
                 self._backend.log_artifact(self._run_id(record), record.path, record.artifact_path)
+                discard_artifact(self._spool.directory, record.path)
             elif isinstance(record, (AlertsRecord, PhasesRecord)):
                 self._replay_annotations(record)
             elif isinstance(record, GenomeRecord):

@@ -10,6 +10,7 @@ import time
 from pathlib import Path
 
 from ..sinks.deadletter import DEAD_LETTER_FILE
+from .safety import ARTIFACTS
 from .segments import REPLAYED, SEGMENTS, TRACEBACKS, children
 
 __all__ = ("prune",)
@@ -19,9 +20,9 @@ def prune(directory: Path, *, older_than_days: float, now: float | None = None) 
     """
     Delete local files older than the retention limit; live segments are never touched.
 
-    Removes replayed segments, the dead-letter file, entries of ``tracebacks/`` (a folder
-    goes when everything in it is old), and leftover temporary and resume-offset files whose
-    segment is gone.
+    Removes replayed segments, the dead-letter file, entries of ``tracebacks/`` and
+    ``artifacts/`` (a folder goes when everything in it is old, itself included), and
+    leftover temporary and resume-offset files whose segment is gone.
 
     Args:
         directory: the spool directory.
@@ -36,7 +37,7 @@ def prune(directory: Path, *, older_than_days: float, now: float | None = None) 
     cutoff = (time.time() if now is None else now) - older_than_days * 86400
     directory = Path(directory)
     candidates = [*children(directory / REPLAYED), directory / DEAD_LETTER_FILE]
-    candidates += children(directory / TRACEBACKS)
+    candidates += children(directory / TRACEBACKS) + children(directory / ARTIFACTS)
     candidates += [
         path
         for path in children(directory / SEGMENTS)

@@ -10,6 +10,8 @@ import os
 import threading
 from pathlib import Path
 
+from .._core.files import open_private, private_dir
+
 __all__ = ("RUN_MAP_FILE", "RunMap")
 
 logger = logging.getLogger("allele.observability")
@@ -45,8 +47,8 @@ class RunMap:
                 return
             self._map[key] = run_id
             try:
-                self.path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
-                fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
+                private_dir(self.path.parent)
+                fd = open_private(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT)
                 with os.fdopen(fd, "a", encoding="utf-8") as fh:
                     fh.write(json.dumps({"key": key, "run_id": run_id}) + "\n")
             except OSError as exc:

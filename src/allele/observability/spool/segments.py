@@ -1,12 +1,14 @@
 """
 The disk spool: records that could not be delivered, kept on disk until a replay delivers them.
 
-Layout of a spool directory (directories are created with mode 0700, files with 0600)::
+Layout of a spool directory (every folder level created is mode 0700, files are 0600,
+whatever the umask: :mod:`.._core.files`)::
 
     <spool_dir>/
       segments/seg-<time_ns:020d>-<pid>-<seq:06d>.spool   live segments, replayed oldest first
       segments/seg-<...>.spool.offset                      where the next replay of it resumes
       replayed/seg-<...>.spool                             delivered; retention deletes them
+      artifacts/<id>/<name>                                spooled artifacts' copies (.safety)
       dead-letters.jsonl, tracebacks/                      written elsewhere; retention too
 
 A segment is a sequence of frames (:mod:`.frames`); replay claims segments (:mod:`.claims`).
@@ -41,8 +43,10 @@ import weakref
 from pathlib import Path
 from typing import TYPE_CHECKING, Literal, NamedTuple
 
+from .._core.files import open_private, private_dir
 from .claims import acquire
 from .frames import encode_frame, iter_frames
+from .safety import folder_refusal, refusal, warn_refused
 
 if TYPE_CHECKING:
     from collections.abc import Iterator
@@ -71,8 +75,9 @@ class SegmentInfo(NamedTuple):
     seq: int
     #: size in bytes
     size: int
-    #: "active" (this spool's open segment), "locked" (written or claimed elsewhere), "replayable"
-    state: Literal["active", "locked", "replayable"]
+    #: "active" (this spool's open segment), "locked" (written or claimed elsewhere),
+    #: "replayable", or "refused" (another user's, or writable by others: :mod:`.safety`)
+    state: Literal["active", "locked", "replayable", "refused"]
     #: whether a process with the writer's pid exists (informational only: pids are reused)
     owner_alive: bool
     #: the number of readable records when counted, else None
@@ -182,13 +187,12 @@ class Spool:
             return True
 
     def _open_segment(self) -> None:
-        for folder in (self.directory, self._folder):
-            folder.mkdir(mode=0o700, parents=True, exist_ok=True)
+        private_dir(self._folder)
         self._last_ns = max(time.time_ns(), self._last_ns + 1)
         self._seq += 1
         path = self._folder / f"seg-{self._last_ns:020d}-{self._pid}-{self._seq:06d}.spool"
         temporary = path.with_name(f".{path.name}.tmp")
-        fd = os.open(temporary, os.O_CREAT | os.O_EXCL | os.O_WRONLY | os.O_APPEND, 0o600)
+        fd = open_private(temporary, os.O_CREAT | os.O_EXCL | os.O_WRONLY | os.O_APPEND)
         try:
             fcntl.flock(fd, fcntl.LOCK_EX)
             os.rename(temporary, path)
@@ -269,14 +273,26 @@ class Spool:
         The current segment of this spool is closed first, so its records are included.
         Segments locked elsewhere are skipped. A claim still unfinished when the next one is
         requested is released; otherwise the caller finishes it (``done``, ``release``, or
-        leaving its ``with`` block).
+        leaving its ``with`` block). Nothing is yielded from a spool that belongs to another
+        user or that others may write, nor such a segment (:mod:`.safety`): each is logged
+        once and left in place.
         """
         self.close()
+        refused = folder_refusal(self.directory, self._folder)
+        if refused is not None:
+            warn_refused(*refused)
+            return
         for _, _, _, path, _ in _scan(self._folder):
             claim = acquire(self, path)
-            if claim is not None:
-                yield claim
+            if claim is None:
+                continue
+            reason = claim.refusal()
+            if reason is not None:
                 claim.release()
+                warn_refused(path, reason)
+                continue
+            yield claim
+            claim.release()
 
     @property
     def replayed_folder(self) -> Path:
@@ -318,16 +334,26 @@ def _scan(folder: Path, *, sizes: bool = False) -> list[tuple[int, int, int, Pat
 
 def _inspect(folder: Path, active: Path | None, count_records: bool) -> list[SegmentInfo]:
     infos = []
+    unsafe = folder_refusal(folder.parent, folder) is not None
     for time_ns, pid, seq, path, size in _scan(folder, sizes=True):
-        state: Literal["active", "locked", "replayable"] = "active"
+        state: Literal["active", "locked", "replayable", "refused"] = "active"
         if path != active:
             state = "replayable" if _unlocked(path) else "locked"
+            if state == "replayable" and (unsafe or _refused(path)):
+                state = "refused"
         records = None
         if count_records:
             with contextlib.suppress(FileNotFoundError):
                 records = sum(p is not None for _, p in iter_frames(path.read_bytes(), 0))
         infos.append(SegmentInfo(path, time_ns, pid, seq, size, state, _alive(pid), records))
     return infos
+
+
+def _refused(path: Path) -> bool:
+    try:
+        return refusal(path.stat()) is not None
+    except FileNotFoundError:
+        return False
 
 
 def _unlocked(path: Path) -> bool:
