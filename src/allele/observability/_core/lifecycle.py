@@ -25,6 +25,7 @@ if TYPE_CHECKING:
     from collections.abc import Callable
 
 __all__ = (
+    "CHILD_EXIT_TIMEOUT",
     "CHILD_TERM_TIMEOUT",
     "flush_on_sigterm",
     "forget_half_imported_modules",
@@ -33,6 +34,9 @@ __all__ = (
 
 #: seconds a forked child may spend delivering when it is terminated (the rest is spooled)
 CHILD_TERM_TIMEOUT = 2.0
+#: seconds a forked child may spend delivering at a normal exit (the rest is spooled, and
+#: replayed by the parent): a pool's workers never hold up ``Pool.join()`` for long
+CHILD_EXIT_TIMEOUT = 5.0
 
 
 def _call(ref: weakref.WeakMethod[Callable[..., Any]], *args: Any) -> None:

@@ -27,6 +27,7 @@ from .accounting import Accounting
 from .bus import Bus
 from .emitters import closed_emitters, disabled_emitters
 from .lifecycle import (
+    CHILD_EXIT_TIMEOUT,
     CHILD_TERM_TIMEOUT,
     flush_on_sigterm,
     forget_half_imported_modules,
@@ -134,9 +135,7 @@ class Observability:
     def from_env(cls, **overrides: Any) -> Observability:
         """
         Build from ``ALLELE_MLFLOW_*`` variables; keyword arguments override them.
-
-        Raises:
-            ConfigError: a variable is invalid (the message names it).
+        Raises ``ConfigError`` naming the variable if one is invalid.
         """
         return cls(**overrides)
 
@@ -345,18 +344,18 @@ class Observability:
     def _close_at_exit(self) -> None:
         if self._closed:
             return
-        # From here on a SIGTERM (a terminated pool worker) leaves this delivery alone: its
-        # handler would otherwise run inside stats(), under the lock the exporter needs.
-        self._runtime.closing = True
+        self._runtime.closing = True  # a SIGTERM now leaves this delivery alone
+        timeout = self.settings.shutdown_timeout  # a forked worker's parent replays its spool
+        timeout = min(CHILD_EXIT_TIMEOUT, timeout) if self._child else timeout
         try:
             pending = self.stats().total.pending
             if pending:
                 sys.stderr.write(
                     f"allele-observability: delivering {pending} pending events "
-                    f"(at most {self.settings.shutdown_timeout:g} s)\n"
+                    f"(at most {timeout:g} s)\n"
                 )
         finally:
-            self.close()
+            self.close(timeout)
 
     def _after_fork(self) -> None:
         """In a forked child: fresh lanes, counters, locks and exporter; the same runs."""

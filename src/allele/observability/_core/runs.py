@@ -51,6 +51,7 @@ class Run:
         "dropped",
         "end_time",
         "experiment",
+        "inherited",
         "key",
         "name",
         "params",
@@ -98,6 +99,9 @@ class Run:
         self._created = threading.Event()
         self._run_id: str | None = None
         self._timeout = wait_timeout
+        #: in a forked child: the run was not created yet when the process forked, so the
+        #: parent creates it and this process only looks it up (by ``allele.run_key``)
+        self.inherited = False
 
     @property
     def run_id(self) -> str | None:
@@ -122,6 +126,19 @@ class Run:
         """Wait up to ``timeout`` seconds for the MLflow run id; None if not yet known."""
         self._created.wait(timeout)
         return self._run_id
+
+    def after_fork(self) -> None:
+        """
+        In a forked child: new locks (another thread may have held them at the fork) with
+        the same state; a run not created yet is the parent's to create.
+        """
+        self._created = threading.Event()
+        if self._run_id is not None:
+            self._created.set()
+        else:
+            self.inherited = True
+        for series in list(self.series.values()):
+            series.lock = threading.Lock()
 
     def set_created(self, run_id: str) -> None:
         """Record the MLflow run id (called by the exporter once the store created it)."""
@@ -168,6 +185,11 @@ class RunRegistry:
         """The run has ended: no longer open."""
         if self._open.pop(run.key, None) is not None:
             self.just_ended.append(run.key)
+
+    def after_fork(self) -> None:
+        """In a forked child: every known run gets new locks (see ``Run.after_fork``)."""
+        for run in list(self._by_key.values()):
+            run.after_fork()
 
     def release(self, run: Run) -> list[str]:
         """

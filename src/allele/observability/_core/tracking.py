@@ -79,9 +79,10 @@ class RunTracker:
         self._bus = bus
 
     def reset(self, accounting: Accounting) -> None:
-        """New counters and a new lock (a forked child)."""
+        """New counters and new locks, the runs' too (a forked child)."""
         self._acct = accounting
         self._auto_lock = threading.Lock()
+        self._registry.after_fork()
 
     def _control(self, kind: str, event: tuple[Any, ...]) -> None:
         assert self._bus is not None

@@ -141,7 +141,8 @@ class Router:
         """The backlog of ``run``, made if needed."""
         b = self.backlogs.get(run)
         if b is None:
-            b = self.backlogs[run] = Backlog(run.key in self._seen_start)
+            # A run inherited from the parent process started there: it may be looked up.
+            b = self.backlogs[run] = Backlog(run.key in self._seen_start or run.inherited)
         return b
 
     def waiting(self, counts: dict[str, int], start_spooled: Container[str]) -> None:

@@ -96,7 +96,13 @@ class Delivery:
         if run.parent is not None and run.parent.created_id is None:
             return  # the parent is created first (it precedes its children in the backlog)
         try:
-            run_id = await self._create_run(run)
+            if run.inherited:  # the parent process creates it: look it up, never create
+                found = await self._call(self._backend().find_run, await self._exp(run), run.key)
+                if found is None:
+                    return  # not created yet: looked up again next round
+                run_id = str(found)
+            else:
+                run_id = await self._create_run(run)
         except DeliveryError as err:
             if err.retryable:
                 raise
@@ -104,15 +110,20 @@ class Delivery:
             return
         run.set_created(run_id)
 
-    async def _create_run(self, run: Run) -> str:
-        backend = self._backend()
+    async def _exp(self, run: Run) -> str:
+        """The id of ``run``'s experiment, made if needed."""
         exp_name = self._settings.experiment_prefix + run.experiment
         exp_id = self._experiments.get(exp_name)
         if exp_id is None:
             exp_id = await self._call(
-                backend.ensure_experiment, exp_name, self._settings.artifact_location
+                self._backend().ensure_experiment, exp_name, self._settings.artifact_location
             )
             self._experiments[exp_name] = exp_id
+        return exp_id
+
+    async def _create_run(self, run: Run) -> str:
+        backend = self._backend()
+        exp_id = await self._exp(run)
         tags = {"mlflow.runName": run.name, "allele.run_key": run.key}
         parent_id = run.parent.created_id if run.parent is not None else None
         if parent_id is not None:

@@ -47,6 +47,8 @@ logger = logging.getLogger("allele.observability")
 
 #: share of the shutdown time kept for spooling what could not be delivered
 SPOOL_RESERVE = 0.2
+#: seconds between looks while stopping with nothing to retry yet (a run being created)
+STOP_POLL = 0.1
 #: seconds a backend may take to start (a worker process importing MLflow, a migration)
 STARTUP_TIMEOUT = 120.0
 #: seconds before the loop is started again after a failure: base, doubled, capped
@@ -280,9 +282,13 @@ class Exporter:
                 self._wake_event = anyio.Event()
                 source.set_sleeping(True)
                 if not self._work_ready():  # re-check: a producer may have missed the flag
-                    wait = interval
-                    if self._router.pending() or spooler.own_pending:
-                        wait = min(wait, max(0.0, health.retry_at - time.monotonic()))
+                    # A retry is due at `retry_at`; a replay goes on at once. What waits for
+                    # something else (a run the parent process creates) waits a round.
+                    wait, now = interval, time.monotonic()
+                    if health.retry_at > now and (self._router.pending() or spooler.own_pending):
+                        wait = min(wait, health.retry_at - now)
+                    elif spooler.own_pending and health.retry_at <= now:
+                        wait = 0.0
                     with anyio.move_on_after(wait):
                         await self._wake_event.wait()
                 source.set_sleeping(False)
@@ -314,8 +320,11 @@ class Exporter:
             # `allele-obs spool replay`.
             self._spool_all(final=True)
             return True
-        if health.retry_at > now:
-            await anyio.sleep(min(health.retry_at, deadline) - now)
+        if spooler.own_pending and health.retry_at <= now:
+            return False  # the replay goes on
+        # A retry is due at `retry_at`; a run the parent process creates is looked up
+        # again shortly (not in a busy loop).
+        await anyio.sleep(min(max(health.retry_at, now + STOP_POLL), deadline) - now)
         return False
 
     def _work_ready(self) -> bool:
