@@ -6,9 +6,16 @@ the runs before them. Then each run's backlog goes out in order: ``log_batch`` r
 within MLflow's limits (params and tags first), alerts and phases, genomes, artifacts,
 and last the run's end with its accounting tags.
 
-Failures are classified by the backend: a retryable one propagates (the loop backs off
-and spools); a rejection is isolated by splitting the batch in halves, and the offending
-rows are dead-lettered with the store's reason.
+Failures are classified by the backend (the table is in :mod:`..backends.base`): a
+retryable one propagates (the loop backs off and spools), with every row not yet delivered
+put back in the backlog; a per-row rejection is isolated by splitting the batch in halves,
+and the offending rows are dead-lettered with the store's reason; any other refusal for
+good (the run is gone, a local file is missing) dead-letters that request or item whole.
+A batch that fails with a ``server_error`` ``REPEAT_LIMIT`` times while the store answers
+an empty probe request for its run is isolated like a rejection: a poison row that the
+store cannot take (an SQLite overflow comes back as ``INTERNAL_ERROR``) is dead-lettered,
+the rest delivered. Before each such row is dead-lettered, the probe is repeated, so a
+store that breaks down meanwhile is never mistaken for a poison row.
 """
 
 from __future__ import annotations
@@ -20,14 +27,14 @@ from typing import TYPE_CHECKING, Any
 
 from ..alerts.store import ALERTS_DIR, PHASES_DIR, AlertChunk, prepare_alerts, write_chunk
 from ..backends.base import DeliveryError
-from ..sinks.batching import halves, split_batches
+from ..sinks.batching import Batch, Repeats, batch_identity, halves, split_batches
 
 if TYPE_CHECKING:
     from collections.abc import Awaitable
 
     from .._core.accounting import Accounting
     from .._core.runs import Run
-    from ..backends.base import Backend, MetricRow, ParamRow, TagRow
+    from ..backends.base import Backend
     from ..config import Settings
     from ..sinks.deadletter import DeadLetters
     from ..sinks.registry import GenomeSink
@@ -68,6 +75,8 @@ class Delivery:
         self._dead = dead
         self._genome_sink = genome_sink
         self._experiments: dict[str, str] = {}
+        #: server errors per batch (or item), across attempts
+        self._repeats = Repeats()
         #: set by the loop once built (on the loop, since a backend may start a worker)
         self.backend: Backend | None = None
 
@@ -131,21 +140,26 @@ class Delivery:
         if run_id is None:
             return  # not created yet (its start is still in the lane, or creation failed)
         while b.params or b.tags or b.metrics or b.system:
-            metrics = b.metrics[:1000] if b.metrics else b.system[:1000]
             is_system = not b.metrics
+            source = b.system if is_system else b.metrics
             batch = next(
                 split_batches(
-                    metrics, b.params, b.tags, max_metrics=self._settings.metrics_batch_size
+                    source[:1000], b.params, b.tags, max_metrics=self._settings.metrics_batch_size
                 )
             )
             bm, bp, bt = batch
-            await self._log_batch(run, run_id, bm, bp, bt, is_system)
-            if is_system:
-                del b.system[: len(bm)]
-            else:
-                del b.metrics[: len(bm)]
+            del source[: len(bm)]
             del b.params[: len(bp)]
             del b.tags[: len(bt)]
+            stack = [batch]
+            try:
+                await self._send_batch(run, run_id, stack, is_system)
+            except DeliveryError:
+                for pm, pp, pt in stack:  # not delivered: back to the front of the backlog
+                    source[:0] = pm
+                    b.params[:0] = pp
+                    b.tags[:0] = pt
+                raise
         await self._deliver_annotations(run, run_id, b)
         while b.genomes:
             genome = b.genomes[0]
@@ -165,35 +179,65 @@ class Delivery:
             self._acct.count(run, "run", "delivered", 1)
             del self._router.backlogs[run]
 
-    async def _log_batch(
-        self,
-        run: Run,
-        run_id: str,
-        metrics: list[MetricRow],
-        params: list[ParamRow],
-        tags: list[TagRow],
-        is_system: bool,
-    ) -> None:
+    async def _send_batch(self, run: Run, run_id: str, stack: list[Batch], is_system: bool) -> None:
+        """
+        Deliver the batch in ``stack``, isolating the rows the store refuses. On a
+        retryable failure, ``stack`` holds the parts not delivered and the error propagates.
+        """
         mkind = "system" if is_system else "metric"
+        first, identity, isolating = stack[0], "", False
+        backend = self._backend()
+        while stack:
+            part = stack.pop()
+            pm, pp, pt = part
+            try:
+                await self._call(backend.log_batch, run_id, pm, pp, pt)
+            except DeliveryError as err:
+                if part is first and err.repeatable:
+                    identity = batch_identity(run.key, mkind, pm[:1], pp[:1], pt[:1], len(pm))
+                    isolating = self._repeats.exhausted(identity) and await self._probe(run_id)
+                    if isolating:
+                        logger.warning(
+                            "allele-observability: a batch of %s failed %d times with %s "
+                            "while the store answers; isolating the rows it cannot take",
+                            run.name, self._repeats.limit, err.message,
+                        )  # fmt: skip
+                if err.retryable and not (isolating and err.repeatable):
+                    stack.append(part)
+                    raise
+                if len(pm) + len(pp) + len(pt) > 1 and (err.per_row or err.retryable):
+                    stack.extend(reversed(halves(pm, pp, pt)))
+                    continue
+                if err.retryable:
+                    if not await self._probe(run_id):  # the store broke down meanwhile
+                        stack.append(part)
+                        raise
+                    err = _isolated(err, self._repeats.limit)
+                self._dead_batch(run, part, mkind, err)
+                continue
+            self._acct.count(run, mkind, "delivered", len(pm))
+            self._acct.count(run, "param", "delivered", len(pp))
+            self._acct.count(run, "tag", "delivered", len(pt))
+        if identity:
+            self._repeats.forget(identity)
+
+    async def _probe(self, run_id: str) -> bool:
+        """Whether the store answers an empty request for the run (it is not down)."""
         try:
-            await self._call(self._backend().log_batch, run_id, metrics, params, tags)
-        except DeliveryError as err:
-            if err.retryable:
-                raise
-            n = len(metrics) + len(params) + len(tags)
-            if n == 1:
-                kind = mkind if metrics else ("param" if params else "tag")
-                self._dead.write(kind, run, metrics or params or tags, err)
-                self._acct.count(run, kind, "dead_lettered", 1)
-                logger.warning("allele-observability: %s rejected by MLflow: %s", kind, err.message)
-                return
-            # Isolate the offending rows: split in halves and retry each.
-            for part in halves(metrics, params, tags):
-                await self._log_batch(run, run_id, *part, is_system)
-            return
-        self._acct.count(run, mkind, "delivered", len(metrics))
-        self._acct.count(run, "param", "delivered", len(params))
-        self._acct.count(run, "tag", "delivered", len(tags))
+            await self._call(self._backend().log_batch, run_id, [], [], [])
+        except DeliveryError:
+            return False
+        return True
+
+    def _dead_batch(self, run: Run, part: Batch, mkind: str, err: DeliveryError) -> None:
+        for kind, rows in ((mkind, part[0]), ("param", part[1]), ("tag", part[2])):
+            if rows:
+                self._dead.write(kind, run, rows, err)
+                self._acct.count(run, kind, "dead_lettered", len(rows))
+                logger.warning(
+                    "allele-observability: %d %s event(s) dead-lettered (%s): %s",
+                    len(rows), kind, err.reason, err.message,
+                )  # fmt: skip
 
     async def _deliver_annotations(self, run: Run, run_id: str, b: Backlog) -> None:
         backend = self._backend()
@@ -234,9 +278,22 @@ class Delivery:
             await send
         except DeliveryError as err:
             if err.retryable:
-                raise
+                identity = batch_identity(run.key, kind, rows[:1], n)
+                run_id = run.created_id
+                if not (
+                    err.repeatable
+                    and run_id is not None
+                    and self._repeats.exhausted(identity)
+                    and await self._probe(run_id)
+                ):
+                    raise
+                self._repeats.forget(identity)
+                err = _isolated(err, self._repeats.limit)
             self._dead.write(kind, run, rows, err)
             self._acct.count(run, kind, "dead_lettered", n)
+            logger.warning(
+                "allele-observability: %s dead-lettered (%s): %s", kind, err.reason, err.message
+            )
         else:
             self._acct.count(run, kind, "delivered", n)
 
@@ -250,6 +307,12 @@ class Delivery:
                 self._acct.count(run, kind, "dead_lettered", len(rows))
         self._acct.count(run, "run", "dead_lettered", 1 + (b.end is not None))
         del self._router.backlogs[run]
+
+
+def _isolated(err: DeliveryError, attempts: int) -> DeliveryError:
+    """The error a poison row is dead-lettered with: same reason, and why it was given up."""
+    msg = f"{err.message} (failed {attempts} times while the store answered: isolated)"
+    return DeliveryError(err.reason, msg, retryable=False)
 
 
 def _unlink(path: str) -> None:

@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from ..alerts.store import prepare_alerts
-from ..sinks.batching import split_batches
+from ..sinks.batching import Repeats, split_batches
 from ..spool.records import (
     AlertsRecord,
     ArtifactRecord,
@@ -77,6 +77,8 @@ class Spooler:
         #: segments left by other processes are waiting
         self.foreign = False
         self._checked_at = 0.0
+        #: server errors per record, across replays (poison records are isolated)
+        self._repeats = Repeats()
 
     # -- start-up ------------------------------------------------------------------------
     def start(self) -> None:
@@ -200,6 +202,7 @@ class Spooler:
             on_delivered=self._on_delivered,
             end_tags=self._end_tags,
             genome_sink=genome_sink,
+            repeats=self._repeats,
         )
         report = replayer.replay(max_records=max_records)
         if report.error is None and (max_records is None or report.records < max_records):
