@@ -180,12 +180,13 @@ def check(
         code, text = str(obj.get("error_code", "")), str(obj.get("message", ""))
     else:
         text = raw[:200].decode("utf-8", "replace")
-    text = f"{what}: HTTP {status} {code}: {text}"
+    status_code = f"HTTP {status} {code}".rstrip()
+    text = f"{what}: {status_code}: {text}"
     wait = None
     if status in (401, 403) or code in _AUTH_CODES:
         reason = "unauthorized"
-        text = f"{what}: HTTP {status} {code}: the server refused our credentials (check "
-        text += "MLFLOW_TRACKING_TOKEN or MLFLOW_TRACKING_USERNAME/PASSWORD); events are kept"
+        text = f"{what}: {status_code}: the server refused our credentials (check "
+        text += "MLFLOW_TRACKING_TOKEN or MLFLOW_TRACKING_USERNAME/PASSWORD)"
     elif status == 429:
         reason, wait = "rate_limited", retry_after(after)
     elif status == 408 or status >= 500:

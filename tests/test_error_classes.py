@@ -1,0 +1,308 @@
+"""
+Error classes that mean what they say (issue 9, item 3; item 8's network layer).
+
+Against a real sqlite store, a real ``mlflow server`` and tiny real relays on 127.0.0.1
+(:class:`Relay`: a reverse proxy that can answer 401 for a while, or a forward proxy for
+``HTTP_PROXY``, with ``CONNECT`` tunnels for https): a missing local file is the
+artifact's problem, an expired token keeps every event, a poison row is isolated after a
+few INTERNAL_ERRORs, and the REST backend goes through the proxy the environment names.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import http.client
+import json
+import logging
+import os
+import socket
+import threading
+import time
+import uuid
+from collections.abc import Callable, Iterator
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlsplit
+
+import pytest
+from mlflow import MlflowClient
+
+from allele.observability import Observability
+from allele.observability.backends.base import REPEAT_LIMIT, DeliveryError
+from allele.observability.backends.client import ClientBackend
+from allele.observability.backends.rest import RestBackend
+from allele.observability.sinks.deadletter import DeadLetters
+from allele.observability.spool.records import ArtifactRecord, BatchRecord, EndRecord, RunRecord
+from allele.observability.spool.records import encode as encode_record
+from allele.observability.spool.replay import Replayer
+from allele.observability.spool.runmap import RunMap
+from allele.observability.spool.segments import Spool
+from servers import MlflowServer
+
+#: what a real ``mlflow server --app-name basic-auth`` answers without valid credentials
+UNAUTHENTICATED = (
+    b"You are not authenticated. Please see "
+    b"https://www.mlflow.org/docs/latest/auth/index.html#authenticating-to-mlflow "
+    b"on how to authenticate."
+)
+
+
+# -- a tiny real relay ------------------------------------------------------------------------
+class Relay:
+    """
+    An HTTP relay on 127.0.0.1 that records every request it sees.
+
+    With ``upstream`` it is a reverse proxy (clients use its URL as the tracking URI);
+    without, a forward proxy (absolute-URI requests and ``CONNECT`` tunnels). While
+    ``deny`` is set, it answers 401 as MLflow's basic-auth app does, without forwarding.
+    """
+
+    def __init__(self, upstream: str | None = None) -> None:
+        self.upstream = urlsplit(upstream) if upstream else None
+        self.requests: list[tuple[str, str]] = []
+        self.tunnels: list[str] = []
+        self.deny = False
+        relay = self
+
+        class Handler(BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"
+
+            def log_message(self, *_args: Any) -> None:
+                pass
+
+            def _forward(self) -> None:
+                size = int(self.headers.get("Content-Length") or 0)
+                body = self.rfile.read(size) if size else None
+                relay.requests.append((self.command, self.path))
+                if relay.deny:
+                    self.send_response(401)
+                    self.send_header("WWW-Authenticate", 'Basic realm="mlflow"')
+                    self.send_header("Content-Length", str(len(UNAUTHENTICATED)))
+                    self.end_headers()
+                    self.wfile.write(UNAUTHENTICATED)
+                    return
+                if self.path.startswith("http://"):
+                    parts = urlsplit(self.path)
+                    target = self.path[len(f"http://{parts.netloc}") :] or "/"
+                else:
+                    assert relay.upstream is not None, "origin-form request to a forward proxy"
+                    parts, target = relay.upstream, self.path
+                skip = {"connection", "proxy-connection", "proxy-authorization", "keep-alive"}
+                headers = {k: v for k, v in self.headers.items() if k.lower() not in skip}
+                conn = http.client.HTTPConnection(parts.hostname, parts.port, timeout=30)
+                try:
+                    conn.request(self.command, target, body, headers)
+                    resp = conn.getresponse()
+                    data = resp.read()
+                finally:
+                    conn.close()
+                self.send_response(resp.status)
+                for key, value in resp.getheaders():
+                    if key.lower() not in {"connection", "content-length", "transfer-encoding"}:
+                        self.send_header(key, value)
+                self.send_header("Content-Length", str(len(data)))
+                self.end_headers()
+                self.wfile.write(data)
+
+            do_GET = do_POST = do_PUT = do_DELETE = do_PATCH = _forward
+
+            def do_CONNECT(self) -> None:
+                relay.tunnels.append(self.path)
+                host, _, port = self.path.rpartition(":")
+                upstream = socket.create_connection((host, int(port)), timeout=30)
+                self.send_response(200, "Connection established")
+                self.end_headers()
+                self.close_connection = True
+                _pipe(self.connection, upstream)
+
+        self._server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self._server.daemon_threads = True
+        self._thread = threading.Thread(target=self._server.serve_forever, daemon=True)
+        self._thread.start()
+
+    @property
+    def url(self) -> str:
+        """``http://127.0.0.1:PORT``."""
+        return f"http://127.0.0.1:{self._server.server_address[1]}"
+
+    def close(self) -> None:
+        """Stop serving."""
+        self._server.shutdown()
+        self._server.server_close()
+
+
+def _pipe(a: socket.socket, b: socket.socket) -> None:
+    """Copy bytes both ways until either side closes."""
+
+    def copy(src: socket.socket, dst: socket.socket) -> None:
+        with contextlib.suppress(OSError):
+            while chunk := src.recv(65536):
+                dst.sendall(chunk)
+        with contextlib.suppress(OSError):
+            dst.shutdown(socket.SHUT_WR)
+
+    other = threading.Thread(target=copy, args=(b, a), daemon=True)
+    other.start()
+    copy(a, b)
+    other.join(30)
+    b.close()
+
+
+@pytest.fixture(name="relay_factory")
+def _relay_factory() -> Iterator[Callable[..., Relay]]:
+    made: list[Relay] = []
+
+    def make(upstream: str | None = None) -> Relay:
+        relay = Relay(upstream)
+        made.append(relay)
+        return relay
+
+    yield make
+    for relay in made:
+        relay.close()
+
+
+def _dead_letters(obs: Observability | None = None, spool_dir: Path | None = None) -> list[Any]:
+    directory = spool_dir if spool_dir is not None else Path(os.environ["ALLELE_MLFLOW_SPOOL_DIR"])
+    return DeadLetters(directory).read()
+
+
+def _run_id(client: MlflowClient, experiment: str, run_key: str) -> str:
+    exp = client.get_experiment_by_name(experiment)
+    assert exp is not None, experiment
+    runs = client.search_runs([exp.experiment_id], f"tags.`allele.run_key` = '{run_key}'")
+    assert len(runs) == 1, runs
+    return str(runs[0].info.run_id)
+
+
+# -- local file errors are the event's problem ------------------------------------------------
+@pytest.mark.parametrize("delivery_process", [False, True], ids=["thread", "worker-process"])
+def test_artifact_deleted_before_upload_is_dead_lettered_and_delivery_stays_healthy(
+    make_obs: Callable[..., Observability],
+    client: MlflowClient,
+    tmp_path: Path,
+    delivery_process: bool,
+) -> None:
+    """
+    ``obs.artifact(path)`` and the file deleted before the upload: that artifact is
+    dead-lettered with reason ``local_file``; no failed attempt is counted, the exporter
+    stays healthy and the metrics around it are delivered directly (nothing spooled).
+    (Before: FileNotFoundError was a network_error, so the exporter went degraded and
+    spooled everything.)
+    """
+    obs = make_obs(delivery_process=delivery_process)
+    doomed = tmp_path / "model.bin"
+    doomed.write_bytes(b"weights")
+    with obs.run("artifact-gone", experiment="errors") as run:
+        obs.metric("before", 1.0, step=0)
+        obs.artifact(doomed)  # validated at the call: the file exists
+        doomed.unlink()  # ... and is gone before the exporter uploads it
+        obs.metric("after", 2.0, step=1)
+        assert obs.flush(timeout=60)
+    assert obs.flush(timeout=60)
+
+    stats = obs.stats()
+    dead = _dead_letters()
+    assert stats.artifact.dead_lettered == 1
+    assert stats.artifact.spooled == 0
+    assert stats.metric.delivered == 2
+    assert stats.total.spooled == 0
+    assert stats.failures == {}
+    assert stats.state == "healthy"
+    assert stats.is_balanced()
+    assert [(d["kind"], d["reason"]) for d in dead] == [("artifact", "local_file")]
+    assert "FileNotFoundError" in dead[0]["message"]
+    run_id = _run_id(client, "errors", run.key)
+    assert sorted(client.get_run(run_id).data.metrics) == ["after", "before"]
+    assert client.get_run(run_id).info.status == "FINISHED"
+
+
+def test_spooled_artifact_whose_file_is_gone_does_not_stop_replay(
+    store_uri: str, client: MlflowClient, tmp_path: Path
+) -> None:
+    """
+    A spool whose artifact record names a file deleted since: replay dead-letters that
+    record (``local_file``) and goes on with the records after it, in one pass.
+    (Before: the replay stopped on that record with a retryable network_error, forever.)
+    """
+    spool_dir = tmp_path / "replay-spool"
+    head = ("inst-1", "run-key-artifact-gone", "errors-replay")
+    records = [
+        RunRecord(*head, None, "replayed", 1_700_000_000_000, {"allele.run_key": head[1]}, None, None),
+        ArtifactRecord(*head, None, str(spool_dir / "artifacts" / "gone.txt"), None),
+        BatchRecord(*head, None, [["m", float(i), 1_700_000_000_000 + i, i] for i in range(5)], [], [], system=False),
+        EndRecord(*head, None, "FINISHED", 1_700_000_001_000, []),
+    ]  # fmt: skip
+    writer = Spool(spool_dir)
+    for record in records:
+        assert writer.append(encode_record(record))
+    writer.flush(fsync=True)
+    writer.close()
+    backend = ClientBackend(store_uri)
+
+    report = Replayer(Spool(spool_dir), backend, RunMap(spool_dir), DeadLetters(spool_dir)).replay()
+
+    backend.close()
+    dead = _dead_letters(spool_dir=spool_dir)
+    assert report.error is None
+    assert (report.records, report.dead_lettered) == (3, 1)
+    assert [(d["kind"], d["reason"]) for d in dead] == [("artifact", "local_file")]
+    run_id = _run_id(client, "errors-replay", head[1])
+    history = client.get_metric_history(run_id, "m")
+    assert sorted(m.step for m in history) == [0, 1, 2, 3, 4]
+    assert client.get_run(run_id).info.status == "FINISHED"
+
+
+# -- auth errors keep the events -------------------------------------------------------------
+@pytest.mark.server
+def test_expired_token_keeps_every_event_and_is_never_bisected(
+    mlflow_server: MlflowServer,
+    relay_factory: Callable[..., Relay],
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """
+    The server starts answering 401 (an expired token) while 3 batches of 1000 metrics are
+    emitted: a handful of requests (one per retry), no dead letter, the failure logged as a
+    state change (not once per batch); once the 401s stop, every metric lands exactly once.
+    (Before: 401 was a rejection: each batch was bisected down to single rows, ~2000
+    requests and 1000 dead letters per batch, and the telemetry was gone.)
+    """
+    relay = relay_factory(mlflow_server.url)
+    experiment = f"errors-401-{uuid.uuid4().hex[:8]}"
+    obs = Observability.from_env(tracking_uri=relay.url, export_timeout=5)
+    try:
+        with obs.run("token-expires", experiment=experiment) as run:
+            obs.metric("m", 0.0, step=0)
+            assert obs.flush(timeout=30)  # the run exists; now the token expires
+            relay.deny = True
+            seen_before = len(relay.requests)
+            caplog.set_level(logging.WARNING, logger="allele.observability")
+            for step in range(1, 3001):
+                obs.metric("m", float(step), step=step)
+            assert not obs.flush(timeout=5)  # a few retries, all refused
+            under_401 = relay.requests[seen_before:]
+            stats = obs.stats()
+            dead_during = _dead_letters()
+            relay.deny = False
+            assert obs.flush(timeout=60)
+    finally:
+        obs.close(timeout=30)
+
+    assert 1 <= len(under_401) <= 30  # O(1) per retry; bisecting would be ~6000
+    assert stats.failures.get("unauthorized", 0) >= 1
+    assert set(stats.failures) == {"unauthorized"}
+    assert stats.metric.dead_lettered == 0
+    assert stats.metric.spooled >= 3000  # kept on disk, not dropped
+    assert dead_during == []
+    warnings = [r.getMessage() for r in caplog.records if "credentials" in r.getMessage()]
+    assert 1 <= len(warnings) <= 2  # degraded, then offline: not one line per batch
+    final = obs.stats()
+    assert final.metric.delivered == 3001
+    assert final.metric.dead_lettered == 0
+    assert final.total.spooled == 0
+    assert final.is_balanced()
+    client = MlflowClient(tracking_uri=mlflow_server.url)
+    history = client.get_metric_history(_run_id(client, experiment, run.key), "m")
+    assert sorted(m.step for m in history) == list(range(3001))
+    assert _dead_letters() == []
