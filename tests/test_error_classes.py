@@ -32,6 +32,7 @@ from allele.observability import Observability
 from allele.observability.backends.base import REPEAT_LIMIT, DeliveryError
 from allele.observability.backends.client import ClientBackend
 from allele.observability.backends.rest import RestBackend
+from allele.observability.sinks.batching import Repeats
 from allele.observability.sinks.deadletter import DeadLetters
 from allele.observability.spool.records import ArtifactRecord, BatchRecord, EndRecord, RunRecord
 from allele.observability.spool.records import encode as encode_record
@@ -306,3 +307,91 @@ def test_expired_token_keeps_every_event_and_is_never_bisected(
     history = client.get_metric_history(_run_id(client, experiment, run.key), "m")
     assert sorted(m.step for m in history) == list(range(3001))
     assert _dead_letters() == []
+
+
+# -- a poison row is isolated after repeated INTERNAL_ERRORs --------------------------------
+@pytest.mark.parametrize("delivery_process", [False, True], ids=["thread", "worker-process"])
+def test_step_overflow_in_the_lane_is_isolated_after_repeated_internal_errors(
+    make_obs: Callable[..., Observability], client: MlflowClient, delivery_process: bool
+) -> None:
+    """
+    A metric with step 2**63 reaches the exporter (written into the bus lane, as an old
+    release or a bypassed check would): SQLite overflows and MLflow answers INTERNAL_ERROR,
+    every time. After REPEAT_LIMIT attempts (the store answers an empty request for the
+    run, so it is the rows) the batch is isolated: the 49 good metrics are delivered, the
+    poison one is dead-lettered with the store's reason, nothing is pending.
+    (Before: retried forever, blocking the run and the replay of everything behind it.)
+    """
+    obs = make_obs(delivery_process=delivery_process)
+    with obs.run("poison", experiment="errors-poison") as run:
+        for step in range(25):
+            obs.metric("m", float(step), step=step)
+        obs._bus._data.append((run.key, "m", 99.0, time.time_ns(), 2**63))
+        for step in range(25, 49):
+            obs.metric("m", float(step), step=step)
+    assert obs.flush(timeout=90)
+
+    stats = obs.stats()
+    dead = _dead_letters()
+    assert stats.metric.delivered == 49
+    assert stats.metric.dead_lettered == 1
+    assert stats.total.spooled == 0
+    assert stats.failures.get("server_error", 0) >= REPEAT_LIMIT - 1
+    assert stats.is_balanced()
+    # the first failure spooled the batch: the replay isolated it (a spool record's form)
+    assert [(d["kind"], d["reason"]) for d in dead] == [("batch", "server_error")]
+    assert [row[3] for row in dead[0]["rows"][0]] == [2**63]
+    assert "INTERNAL_ERROR" in dead[0]["message"]
+    assert "isolated" in dead[0]["message"]
+    run_id = _run_id(client, "errors-poison", run.key)
+    assert sorted(m.step for m in client.get_metric_history(run_id, "m")) == list(range(49))
+    assert client.get_run(run_id).info.status == "FINISHED"
+
+
+def test_poison_record_in_the_spool_is_isolated_and_replay_goes_on(
+    store_uri: str, client: MlflowClient, tmp_path: Path
+) -> None:
+    """
+    A spool record with a step of 2**63 among good metrics, followed by more records:
+    the first REPEAT_LIMIT - 1 replays stop on it (server_error, retried later); the next
+    one isolates the poison row, delivers the rest and goes on to the end.
+    """
+    spool_dir = tmp_path / "poison-spool"
+    head = ("inst-2", "run-key-poison", "errors-poison-replay")
+    good = [["m", float(i), 1_700_000_000_000 + i, i] for i in range(10)]
+    poison = ["m", 7.0, 1_700_000_000_500, 2**63]
+    records = [
+        RunRecord(*head, None, "poisoned", 1_700_000_000_000, {"allele.run_key": head[1]}, None, None),
+        BatchRecord(*head, None, [*good[:5], poison, *good[5:]], [["p", "1"]], [], system=False),
+        BatchRecord(*head, None, [["n", 1.0, 1_700_000_000_000, 0]], [], [], system=False),
+        EndRecord(*head, None, "FINISHED", 1_700_000_001_000, []),
+    ]  # fmt: skip
+    writer = Spool(spool_dir)
+    for record in records:
+        assert writer.append(encode_record(record))
+    writer.flush(fsync=True)
+    writer.close()
+    backend = ClientBackend(store_uri)
+    spool = Spool(spool_dir)
+    repeats = Repeats()
+    reports = []
+    for _ in range(REPEAT_LIMIT):
+        dead_letters = DeadLetters(spool_dir)
+        replayer = Replayer(spool, backend, RunMap(spool_dir), dead_letters, repeats=repeats)
+        reports.append(replayer.replay())
+
+    backend.close()
+    dead = _dead_letters(spool_dir=spool_dir)
+    assert [r.error.reason if r.error else None for r in reports] == [
+        *["server_error"] * (REPEAT_LIMIT - 1),
+        None,
+    ]
+    assert {k: n for k, n in reports[-1].events.items() if n} == {"metric": 11, "param": 1, "run": 1}
+    assert [(d["kind"], d["reason"], d["rows"]) for d in dead] == [
+        ("batch", "server_error", [[poison], [], [], False])
+    ]
+    run_id = _run_id(client, "errors-poison-replay", head[1])
+    assert sorted(m.step for m in client.get_metric_history(run_id, "m")) == list(range(10))
+    assert len(client.get_metric_history(run_id, "n")) == 1
+    assert client.get_run(run_id).data.params == {"p": "1"}
+    assert client.get_run(run_id).info.status == "FINISHED"

@@ -98,7 +98,8 @@ def classify_exception(exc: BaseException) -> DeliveryError:
     if isinstance(exc, DeliveryError):
         return exc
     code = getattr(exc, "error_code", None)
-    text = f"{type(exc).__name__}: {exc}"[:2000]
+    named = f"{code}: " if isinstance(code, str) and code and code not in str(exc) else ""
+    text = f"{type(exc).__name__}: {named}{exc}"[:2000]
     reason = CODE_REASONS.get(code) if isinstance(code, str) else None
     if reason is not None:
         return DeliveryError(reason, text, retryable=reason in RETRYABLE_REASONS)
