@@ -395,3 +395,142 @@ def test_poison_record_in_the_spool_is_isolated_and_replay_goes_on(
     assert len(client.get_metric_history(run_id, "n")) == 1
     assert client.get_run(run_id).data.params == {"p": "1"}
     assert client.get_run(run_id).info.status == "FINISHED"
+
+
+# -- proxies and TLS ----------------------------------------------------------------------------
+def _use_proxy(monkeypatch: pytest.MonkeyPatch, scheme: str, url: str | None, no_proxy: str) -> None:
+    for name in ("http_proxy", "https_proxy", "no_proxy", "all_proxy"):
+        monkeypatch.delenv(name, raising=False)
+        monkeypatch.delenv(name.upper(), raising=False)
+    if url is not None:
+        monkeypatch.setenv(f"{scheme}_proxy", url)
+        monkeypatch.setenv(f"{scheme.upper()}_PROXY", url)
+    if no_proxy:
+        monkeypatch.setenv("no_proxy", no_proxy)
+        monkeypatch.setenv("NO_PROXY", no_proxy)
+
+
+@pytest.mark.server
+def test_http_proxy_carries_every_call_and_artifact(
+    mlflow_server: MlflowServer,
+    relay_factory: Callable[..., Relay],
+    monkeypatch: pytest.MonkeyPatch,
+    tmp_path: Path,
+) -> None:
+    """
+    With ``HTTP_PROXY`` set, the REST backend sends every call, artifact uploads included,
+    through the proxy (absolute-URI requests), and the data lands on the server.
+    (Before: the proxy was ignored; it saw nothing.)
+    """
+    proxy = relay_factory()
+    _use_proxy(monkeypatch, "http", proxy.url, "")
+    experiment = f"errors-proxy-{uuid.uuid4().hex[:8]}"
+    notes = tmp_path / "notes.txt"
+    notes.write_text("through the proxy")
+    obs = Observability.from_env(tracking_uri=mlflow_server.url)
+    with obs.run("proxied", experiment=experiment) as run:
+        obs.metric("m", 1.0, step=0)
+        obs.param("p", "v")
+        obs.artifact(notes)
+    obs.close(timeout=30)
+
+    stats = obs.stats()
+    paths = [path for _, path in proxy.requests]
+    origin = mlflow_server.url
+    assert stats.total.delivered >= 4  # run, metric, param, artifact
+    assert stats.artifact.delivered == 1
+    assert all(p.startswith(origin + "/api/2.0/") for p in paths), paths
+    assert origin + "/api/2.0/mlflow/runs/log-batch" in paths
+    assert any(p.startswith(origin + "/api/2.0/mlflow-artifacts/artifacts/") for p in paths)
+    monkeypatch.delenv("http_proxy")
+    monkeypatch.delenv("HTTP_PROXY")
+    client = MlflowClient(tracking_uri=mlflow_server.url)
+    run_id = _run_id(client, experiment, run.key)
+    assert [f.path for f in client.list_artifacts(run_id)] == ["notes.txt"]
+    assert client.get_run(run_id).data.params == {"p": "v"}
+
+
+@pytest.mark.server
+def test_no_proxy_bypasses_the_proxy(
+    mlflow_server: MlflowServer, relay_factory: Callable[..., Relay], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A host listed in ``NO_PROXY`` is reached directly: the proxy sees nothing."""
+    proxy = relay_factory()
+    _use_proxy(monkeypatch, "http", proxy.url, "localhost,127.0.0.1")
+    backend = RestBackend(mlflow_server.url, timeout=10)
+    exp_id = backend.ensure_experiment(f"errors-no-proxy-{uuid.uuid4().hex[:8]}", None)
+    backend.close()
+
+    assert exp_id
+    assert proxy.requests == []
+    assert proxy.tunnels == []
+
+
+class _TlsServer:
+    """A tiny https server on 127.0.0.1 answering ``{}`` to everything (self-signed)."""
+
+    def __init__(self, tmp_path: Path) -> None:
+        from test_rest_backend import _self_signed_context  # writes cert.pem in tmp_path
+
+        context = _self_signed_context(tmp_path)
+        self.cert = tmp_path / "cert.pem"
+        self.paths: list[str] = []
+        paths = self.paths
+
+        class Handler(BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"
+
+            def log_message(self, *_args: Any) -> None:
+                pass
+
+            def do_POST(self) -> None:
+                self.rfile.read(int(self.headers.get("Content-Length") or 0))
+                paths.append(self.path)
+                self.send_response(200)
+                self.send_header("Content-Length", "2")
+                self.end_headers()
+                self.wfile.write(b"{}")
+
+        self._server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self._server.daemon_threads = True
+        self._server.socket = context.wrap_socket(self._server.socket, server_side=True)
+        threading.Thread(target=self._server.serve_forever, daemon=True).start()
+        self.url = f"https://127.0.0.1:{self._server.server_address[1]}"
+
+    def close(self) -> None:
+        self._server.shutdown()
+        self._server.server_close()
+
+
+def test_https_proxy_tunnels_and_server_cert_path_is_trusted(
+    relay_factory: Callable[..., Relay], monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    """
+    ``HTTPS_PROXY``: an https server is reached through a CONNECT tunnel, with TLS end to
+    end; ``MLFLOW_TRACKING_SERVER_CERT_PATH`` is the CA the certificate is checked against
+    (without it, the self-signed certificate is refused, through the tunnel too).
+    """
+    from allele.observability.backends.factory import make_backend
+    from allele.observability.config import Settings
+
+    server = _TlsServer(tmp_path)
+    proxy = relay_factory()
+    _use_proxy(monkeypatch, "https", proxy.url, "")
+    untrusting = make_backend(Settings(tracking_uri=server.url))
+    monkeypatch.setenv("MLFLOW_TRACKING_SERVER_CERT_PATH", str(server.cert))
+    trusting = make_backend(Settings(tracking_uri=server.url))
+    try:
+        with pytest.raises(DeliveryError) as refused:
+            untrusting.end_run("r", "FINISHED", 0)
+        trusting.end_run("r", "FINISHED", 0)
+    finally:
+        untrusting.close()
+        trusting.close()
+        server.close()
+
+    where = server.url.removeprefix("https://")
+    assert proxy.tunnels == [where, where]
+    assert proxy.requests == []  # nothing in clear text
+    assert (refused.value.reason, refused.value.retryable) == ("network_error", True)
+    assert "CERTIFICATE_VERIFY_FAILED" in refused.value.message
+    assert server.paths == ["/api/2.0/mlflow/runs/update"]
