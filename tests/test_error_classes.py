@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import contextlib
 import http.client
-import json
 import logging
 import os
 import socket
@@ -34,7 +33,13 @@ from allele.observability.backends.client import ClientBackend
 from allele.observability.backends.rest import RestBackend
 from allele.observability.sinks.batching import Repeats
 from allele.observability.sinks.deadletter import DeadLetters
-from allele.observability.spool.records import ArtifactRecord, BatchRecord, EndRecord, RunRecord
+from allele.observability.spool.records import (
+    ArtifactRecord,
+    BatchRecord,
+    EndRecord,
+    Record,
+    RunRecord,
+)
 from allele.observability.spool.records import encode as encode_record
 from allele.observability.spool.replay import Replayer
 from allele.observability.spool.runmap import RunMap
@@ -59,15 +64,25 @@ class Relay:
     ``deny`` is set, it answers 401 as MLflow's basic-auth app does, without forwarding.
     """
 
-    def __init__(self, upstream: str | None = None) -> None:
+    def __init__(self, upstream: str | None = None, port: int = 0) -> None:
         self.upstream = urlsplit(upstream) if upstream else None
         self.requests: list[tuple[str, str]] = []
         self.tunnels: list[str] = []
         self.deny = False
+        self._open: set[socket.socket] = set()
         relay = self
 
         class Handler(BaseHTTPRequestHandler):
             protocol_version = "HTTP/1.1"
+
+            def setup(self) -> None:
+                super().setup()
+                relay._open.add(self.connection)
+
+            def finish(self) -> None:
+                relay._open.discard(self.connection)
+                with contextlib.suppress(OSError):
+                    super().finish()
 
             def log_message(self, *_args: Any) -> None:
                 pass
@@ -91,7 +106,8 @@ class Relay:
                     parts, target = relay.upstream, self.path
                 skip = {"connection", "proxy-connection", "proxy-authorization", "keep-alive"}
                 headers = {k: v for k, v in self.headers.items() if k.lower() not in skip}
-                conn = http.client.HTTPConnection(parts.hostname, parts.port, timeout=30)
+                host = parts.hostname or "127.0.0.1"
+                conn = http.client.HTTPConnection(host, parts.port, timeout=30)
                 try:
                     conn.request(self.command, target, body, headers)
                     resp = conn.getresponse()
@@ -106,7 +122,7 @@ class Relay:
                 self.end_headers()
                 self.wfile.write(data)
 
-            do_GET = do_POST = do_PUT = do_DELETE = do_PATCH = _forward
+            do_GET = do_POST = do_PUT = do_DELETE = do_PATCH = _forward  # noqa: N815
 
             def do_CONNECT(self) -> None:
                 relay.tunnels.append(self.path)
@@ -117,20 +133,28 @@ class Relay:
                 self.close_connection = True
                 _pipe(self.connection, upstream)
 
-        self._server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self._server = ThreadingHTTPServer(("127.0.0.1", port), Handler)
         self._server.daemon_threads = True
         self._thread = threading.Thread(target=self._server.serve_forever, daemon=True)
         self._thread.start()
 
     @property
+    def port(self) -> int:
+        """The port it listens on."""
+        return int(self._server.server_address[1])
+
+    @property
     def url(self) -> str:
         """``http://127.0.0.1:PORT``."""
-        return f"http://127.0.0.1:{self._server.server_address[1]}"
+        return f"http://127.0.0.1:{self.port}"
 
     def close(self) -> None:
-        """Stop serving."""
+        """Stop serving and cut every open connection (kept-alive ones too)."""
         self._server.shutdown()
         self._server.server_close()
+        for conn in list(self._open):
+            with contextlib.suppress(OSError):
+                conn.shutdown(socket.SHUT_RDWR)
 
 
 def _pipe(a: socket.socket, b: socket.socket) -> None:
@@ -154,8 +178,8 @@ def _pipe(a: socket.socket, b: socket.socket) -> None:
 def _relay_factory() -> Iterator[Callable[..., Relay]]:
     made: list[Relay] = []
 
-    def make(upstream: str | None = None) -> Relay:
-        relay = Relay(upstream)
+    def make(upstream: str | None = None, port: int = 0) -> Relay:
+        relay = Relay(upstream, port)
         made.append(relay)
         return relay
 
@@ -229,12 +253,14 @@ def test_spooled_artifact_whose_file_is_gone_does_not_stop_replay(
     """
     spool_dir = tmp_path / "replay-spool"
     head = ("inst-1", "run-key-artifact-gone", "errors-replay")
-    records = [
-        RunRecord(*head, None, "replayed", 1_700_000_000_000, {"allele.run_key": head[1]}, None, None),
+    t0 = 1_700_000_000_000
+    metrics = [["m", float(i), t0 + i, i] for i in range(5)]
+    records: list[Record] = [
+        RunRecord(*head, None, "replayed", t0, {"allele.run_key": head[1]}, None, None),
         ArtifactRecord(*head, None, str(spool_dir / "artifacts" / "gone.txt"), None),
-        BatchRecord(*head, None, [["m", float(i), 1_700_000_000_000 + i, i] for i in range(5)], [], [], system=False),
-        EndRecord(*head, None, "FINISHED", 1_700_000_001_000, []),
-    ]  # fmt: skip
+        BatchRecord(*head, None, metrics, [], [], system=False),
+        EndRecord(*head, None, "FINISHED", t0 + 1000, []),
+    ]
     writer = Spool(spool_dir)
     for record in records:
         assert writer.append(encode_record(record))
@@ -360,12 +386,13 @@ def test_poison_record_in_the_spool_is_isolated_and_replay_goes_on(
     head = ("inst-2", "run-key-poison", "errors-poison-replay")
     good = [["m", float(i), 1_700_000_000_000 + i, i] for i in range(10)]
     poison = ["m", 7.0, 1_700_000_000_500, 2**63]
-    records = [
-        RunRecord(*head, None, "poisoned", 1_700_000_000_000, {"allele.run_key": head[1]}, None, None),
+    t0 = 1_700_000_000_000
+    records: list[Record] = [
+        RunRecord(*head, None, "poisoned", t0, {"allele.run_key": head[1]}, None, None),
         BatchRecord(*head, None, [*good[:5], poison, *good[5:]], [["p", "1"]], [], system=False),
         BatchRecord(*head, None, [["n", 1.0, 1_700_000_000_000, 0]], [], [], system=False),
         EndRecord(*head, None, "FINISHED", 1_700_000_001_000, []),
-    ]  # fmt: skip
+    ]
     writer = Spool(spool_dir)
     for record in records:
         assert writer.append(encode_record(record))
@@ -386,7 +413,11 @@ def test_poison_record_in_the_spool_is_isolated_and_replay_goes_on(
         *["server_error"] * (REPEAT_LIMIT - 1),
         None,
     ]
-    assert {k: n for k, n in reports[-1].events.items() if n} == {"metric": 11, "param": 1, "run": 1}
+    assert {k: n for k, n in reports[-1].events.items() if n} == {
+        "metric": 11,
+        "param": 1,
+        "run": 1,
+    }
     assert [(d["kind"], d["reason"], d["rows"]) for d in dead] == [
         ("batch", "server_error", [[poison], [], [], False])
     ]
@@ -398,7 +429,9 @@ def test_poison_record_in_the_spool_is_isolated_and_replay_goes_on(
 
 
 # -- proxies and TLS ----------------------------------------------------------------------------
-def _use_proxy(monkeypatch: pytest.MonkeyPatch, scheme: str, url: str | None, no_proxy: str) -> None:
+def _use_proxy(
+    monkeypatch: pytest.MonkeyPatch, scheme: str, url: str | None, no_proxy: str
+) -> None:
     for name in ("http_proxy", "https_proxy", "no_proxy", "all_proxy"):
         monkeypatch.delenv(name, raising=False)
         monkeypatch.delenv(name.upper(), raising=False)
@@ -452,7 +485,9 @@ def test_http_proxy_carries_every_call_and_artifact(
 
 @pytest.mark.server
 def test_no_proxy_bypasses_the_proxy(
-    mlflow_server: MlflowServer, relay_factory: Callable[..., Relay], monkeypatch: pytest.MonkeyPatch
+    mlflow_server: MlflowServer,
+    relay_factory: Callable[..., Relay],
+    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     """A host listed in ``NO_PROXY`` is reached directly: the proxy sees nothing."""
     proxy = relay_factory()
@@ -534,3 +569,61 @@ def test_https_proxy_tunnels_and_server_cert_path_is_trusted(
     assert (refused.value.reason, refused.value.retryable) == ("network_error", True)
     assert "CERTIFICATE_VERIFY_FAILED" in refused.value.message
     assert server.paths == ["/api/2.0/mlflow/runs/update"]
+
+
+# -- fail fast: no MLflow retries for minutes in the experiment's process -----------------------
+@pytest.mark.server
+def test_artifact_upload_and_genome_registration_fail_fast_with_the_server_down(
+    mlflow_server: MlflowServer, relay_factory: Callable[..., Relay], tmp_path: Path
+) -> None:
+    """
+    With the server unreachable (the reverse relay in front of the real server closed:
+    connections are refused), a REST-mode artifact upload and a genome registration fail
+    at once as ``network_error``, like every other call: nothing waits on MLflow's own
+    HTTP retries until the exporter abandons the call as a ``timeout``. Both are spooled,
+    and delivered once the server is reachable again.
+    (Before: both went through MlflowClient in this process, whose HTTP layer retried a
+    refused connection for minutes: the exporter gave up on them as ``timeout`` and the
+    abandoned thread went on retrying.)
+    """
+    notes = tmp_path / "notes.txt"
+    notes.write_text("kept")
+    model = f"net-{uuid.uuid4().hex[:8]}"
+    relay = relay_factory(mlflow_server.url)
+    port = relay.port
+    obs = Observability.from_env(tracking_uri=relay.url, export_timeout=10)
+    try:
+        with obs.run("fail-fast", experiment="errors-fail-fast") as run:
+            obs.genome([1, 2, 3], name=model, fitness=1.0)  # starts the genome worker
+            assert obs.flush(timeout=90)
+            before = obs.stats().failures  # starting the worker may take a while here
+            relay.close()  # the server is gone
+            obs.artifact(notes)
+            assert not obs.flush(timeout=4)
+            after_artifact = obs.stats()
+            relay = relay_factory(mlflow_server.url, port)  # back
+            assert obs.flush(timeout=60)
+            relay.close()
+            obs.genome([3, 2, 1], name=model, fitness=2.0)
+            assert not obs.flush(timeout=4)
+            after_genome = obs.stats()
+            relay = relay_factory(mlflow_server.url, port)
+        assert obs.flush(timeout=60)
+    finally:
+        obs.close(timeout=30)
+    final = obs.stats()
+    client = MlflowClient(tracking_uri=mlflow_server.url)
+    run_id = _run_id(client, "errors-fail-fast", run.key)
+    artifacts = {f.path for f in client.list_artifacts(run_id)}
+    versions = client.search_model_versions(f"name = '{model}'")
+
+    assert after_artifact.artifact.spooled == 1
+    assert after_genome.genome.spooled == 1
+    new = {k: n - before.get(k, 0) for k, n in after_genome.failures.items()}
+    assert {k for k, n in new.items() if n} == {"network_error"}, (before, new)
+    assert final.artifact.delivered == 1
+    assert final.genome.delivered == 2
+    assert final.total.spooled == 0
+    assert final.total.dead_lettered == 0
+    assert "notes.txt" in artifacts
+    assert len(versions) == 2

@@ -105,10 +105,17 @@ def classify_exception(exc: BaseException) -> DeliveryError:
         return DeliveryError(reason, text, retryable=reason in RETRYABLE_REASONS)
     if isinstance(exc, ImportError):
         return DeliveryError("unavailable", text, retryable=True)
-    if isinstance(exc, TimeoutError):
-        return DeliveryError("timeout", text, retryable=True)
-    if isinstance(exc, (ConnectionError, OSError)):
-        return DeliveryError("network_error", text, retryable=True)
+    # MLflow's HTTP client wraps a refused connection or a timeout in an MlflowException
+    # (INTERNAL_ERROR): what failed is the network, not the server.
+    cause: BaseException | None = exc
+    for _ in range(8):
+        if cause is None:
+            break
+        if isinstance(cause, TimeoutError) or "Timeout" in type(cause).__name__:
+            return DeliveryError("timeout", text, retryable=True)
+        if isinstance(cause, OSError):
+            return DeliveryError("network_error", text, retryable=True)
+        cause = cause.__cause__ or cause.__context__
     return DeliveryError("server_error", text, retryable=True)
 
 

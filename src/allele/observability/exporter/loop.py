@@ -184,6 +184,7 @@ class Exporter:
         finally:
             self._source.connect(None)
             self._spooler.close()
+            self._genome_sink.close()
             backend, self._delivery.backend = self._delivery.backend, None
             if backend is not None:
                 with anyio.CancelScope(shield=True):
