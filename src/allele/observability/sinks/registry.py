@@ -9,8 +9,10 @@ For an http(s) tracking server the registry's ``MlflowClient`` runs in a worker 
 (:class:`_Worker`), started on the first genome, whose environment alone carries
 ``MLFLOW_HTTP_REQUEST_MAX_RETRIES=0``, ``MLFLOW_HTTP_REQUEST_TIMEOUT=EXPORT_TIMEOUT`` and
 the credentials of the settings: MLflow's HTTP layer would otherwise retry for minutes in
-the experiment's process, and those variables are process-wide. A registration that
-overruns ``EXPORT_TIMEOUT`` kills the worker and fails as a retryable ``timeout``.
+the experiment's process, and those variables are process-wide. The exporter gives up
+waiting after ``EXPORT_TIMEOUT`` as for any call; the worker is killed (a retryable
+``timeout``) only if one registration overruns ``REQUESTS_PER_GENOME`` times that, so a
+slow start (importing MLflow) is not paid again on every attempt.
 """
 
 from __future__ import annotations
@@ -37,6 +39,8 @@ __all__ = ("GenomeSink",)
 _HEADER = struct.Struct("!I")
 #: seconds the worker may take to start and import MLflow
 STARTUP_TIMEOUT = 60.0
+#: one registration is ~10 MLflow requests, each bounded by EXPORT_TIMEOUT in the worker
+REQUESTS_PER_GENOME = 10
 
 
 class GenomeSink:
@@ -152,7 +156,7 @@ class _Worker:
             if proc is None or proc.poll() is not None:
                 self._kill()
                 proc = self._spawn()
-            self._roundtrip(proc, (run_id, payload), self._timeout)
+            self._roundtrip(proc, (run_id, payload), REQUESTS_PER_GENOME * self._timeout)
 
     def _roundtrip(self, proc: subprocess.Popen[bytes], request: Any, timeout: float) -> None:
         assert proc.stdin is not None
