@@ -627,3 +627,54 @@ def test_artifact_upload_and_genome_registration_fail_fast_with_the_server_down(
     assert final.total.dead_lettered == 0
     assert "notes.txt" in artifacts
     assert len(versions) == 2
+
+
+# -- isolation never counts a row twice (pure batching logic: the in-memory backend) ----------
+def test_failure_in_the_middle_of_isolation_keeps_only_the_undelivered_rows(
+    tmp_path: Path,
+) -> None:
+    """
+    A batch with one rejected row is split in halves; the network fails once while the
+    second half is sent. Only the rows not yet delivered are kept (spooled, replayed):
+    every good metric is counted delivered once, the bad one dead-lettered, and the
+    accounting balances. (Before: the whole batch went back, and the half already
+    delivered was counted again.)
+    """
+    from allele.observability.testing import InMemoryBackend
+
+    backend = InMemoryBackend()
+    original = backend.log_batch
+    calls: list[int] = []
+    delivered: list[int] = []
+
+    def flaky(run_id: str, metrics: Any, params: Any, tags: Any) -> None:
+        calls.append(len(metrics))
+        if any(m[0] == "bad" for m in metrics):
+            raise DeliveryError("rejected", "INVALID_PARAMETER_VALUE: bad", retryable=False)
+        if len(delivered) == 1 and calls.count(-1) == 0:  # one half went through: now fail
+            calls.append(-1)
+            raise DeliveryError("network_error", "reset", retryable=True)
+        original(run_id, metrics, params, tags)
+        delivered.append(len(metrics))
+
+    backend.log_batch = flaky  # type: ignore[method-assign]
+    obs = Observability(
+        backend_factory=lambda _settings: backend,
+        system_metrics_interval=0,
+        spool_dir=tmp_path / "spool",
+    )
+    with obs:
+        with obs.run("flaky") as run:
+            for i in range(63):
+                obs.metric("good", float(i), step=i)
+            obs.metric("bad", 1.0, step=63)
+        assert obs.flush(timeout=60)  # after the backoff, the spool is replayed
+    stats = obs.stats()
+
+    assert run.run_id is not None
+    assert sorted(s for _, s in backend.metric_history(run.run_id, "good")) == list(range(63))
+    assert stats.metric.delivered == 63
+    assert stats.metric.dead_lettered == 1
+    assert stats.total.spooled == 0
+    assert stats.is_balanced()
+    assert stats.failures == {"network_error": 1}, calls
