@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from ..alerts.store import PRIMARY, prepare_alerts
-from ..sinks.batching import halves, split_batches
+from ..sinks.batching import Repeats, halves, split_batches
 from ..spool.records import (
     AlertsRecord,
     ArtifactRecord,
@@ -82,6 +82,8 @@ class Spooler:
         #: segments left by other processes are waiting
         self.foreign = False
         self._checked_at = 0.0
+        #: server errors per record, across replays (poison records are isolated)
+        self._repeats = Repeats()
 
     # -- start-up ------------------------------------------------------------------------
     def start(self) -> None:
@@ -146,6 +148,8 @@ class Spooler:
                 )
             )
             self._started.add(run.key)
+            if run.inherited:  # the parent's start, which this process now carries too
+                self._acct.emitted["run"].inc()
         max_metrics = self._settings.metrics_batch_size
         for bm, bp, bt in split_batches(b.metrics, b.params, b.tags, max_metrics=max_metrics):
             records.append(BatchRecord(*head, run_id, bm, bp, bt, system=False))
@@ -231,6 +235,7 @@ class Spooler:
             on_delivered=self._on_delivered,
             end_tags=self._end_tags,
             genome_sink=genome_sink,
+            repeats=self._repeats,
         )
         report = replayer.replay(max_records=max_records)
         if report.error is None and (max_records is None or report.records < max_records):
