@@ -678,3 +678,38 @@ def test_failure_in_the_middle_of_isolation_keeps_only_the_undelivered_rows(
     assert stats.total.spooled == 0
     assert stats.is_balanced()
     assert stats.failures == {"network_error": 1}, calls
+
+
+@pytest.mark.server
+def test_step_out_of_int64_is_dead_lettered_not_mangled_over_rest(
+    mlflow_server: MlflowServer, tmp_path: Path
+) -> None:
+    """
+    The server answers 200 to a step of 2**63 and stores the request mangled (step 0): the
+    REST backend refuses such a row itself, so it is isolated and the batch around it is
+    stored exactly.
+    """
+    obs = Observability.from_env(
+        tracking_uri=mlflow_server.url, spool_dir=str(tmp_path / "spool"), flush_interval=0.05
+    )
+    with obs, obs.run("int64", experiment=f"int64-{uuid.uuid4().hex[:8]}") as run:
+        for i in range(20):
+            obs.metric("x", float(i), step=i)
+        # Past the call's validation, as an old spool or a bug would deliver it.
+        obs._bus._data.append((run.key, "poison", 1.0, time.time_ns(), 2**63))
+        for i in range(20, 40):
+            obs.metric("x", float(i), step=i)
+        assert obs.flush(60)
+    stats = obs.stats()
+    client = MlflowClient(tracking_uri=mlflow_server.url)
+    assert run.run_id is not None
+
+    history = sorted((m.step, m.value) for m in client.get_metric_history(run.run_id, "x"))
+    assert [(i, float(i)) for i in range(40)] == history
+    assert client.get_metric_history(run.run_id, "poison") == []
+    letters = [d for d in DeadLetters(tmp_path / "spool").read() if d["kind"] == "metric"]
+    assert len(letters) == 1
+    assert letters[0]["reason"] == "rejected"
+    assert "64-bit" in letters[0]["message"]
+    assert stats.metric.dead_lettered == 1
+    assert stats.is_balanced()

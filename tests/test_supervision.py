@@ -254,9 +254,8 @@ def test_alert_chunk_that_cannot_be_written_is_dead_lettered(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     """An OSError writing an alert chunk (disk full) costs that chunk, not the exporter."""
+    from allele.observability.alerts.store import write_chunk
     from allele.observability.exporter import delivery
-
-    write_chunk = delivery.write_chunk
 
     def disk_full(*args: Any, **kwargs: Any) -> str:
         raise OSError(28, "No space left on device")

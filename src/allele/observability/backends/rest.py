@@ -55,6 +55,7 @@ __all__ = ("RestBackend",)
 _ENCODER = json.JSONEncoder(separators=(",", ":"), allow_nan=False)
 _SPECIAL_FLOATS = {"nan": "NaN", "inf": "Infinity", "-inf": "-Infinity"}
 _STALE_ERRORS = (http.client.RemoteDisconnected, BrokenPipeError, ConnectionResetError)
+_I64_MIN, _I64_MAX = -(2**63), 2**63 - 1
 #: artifact URIs of a run whose files the server stores itself (``--serve-artifacts``)
 _PROXIED_ARTIFACTS = "mlflow-artifacts:/"
 #: runs whose artifact URI is remembered
@@ -231,6 +232,21 @@ class RestBackend:
             }
         except (TypeError, ValueError, OverflowError) as exc:
             raise DeliveryError("rejected", f"malformed batch: {exc}", retryable=False) from None
+        rows = body["metrics"]
+        if rows:  # min/max run in C: ~0.02 us per metric
+            steps, times = [m["step"] for m in rows], [m["timestamp"] for m in rows]
+            if (
+                min(steps) < _I64_MIN
+                or max(steps) > _I64_MAX
+                or min(times) < 0
+                or (max(times) > _I64_MAX)
+            ):
+                # The server would answer 200 and store the whole request mangled (step 0).
+                raise DeliveryError(
+                    "rejected",
+                    "a metric step or timestamp is outside the signed 64-bit range MLflow stores",
+                    retryable=False,
+                )
         try:
             payload = _ENCODER.encode(body)
         except ValueError:  # NaN or +-inf somewhere: the rare, slower path
