@@ -191,7 +191,7 @@ class Delivery:
                 del b.tags[: len(bt)]
             try:
                 await self._send_batch(run, run_id, stack, is_system)
-            except DeliveryError:
+            except BaseException:  # a failure, a cancellation or a bug: nothing is lost
                 with self._acct.lock:  # not delivered: back to the front of the backlog
                     for pm, pp, pt in stack:
                         source[:0] = pm
