@@ -52,6 +52,8 @@ logger = logging.getLogger("allele.observability")
 
 #: records one replay step delivers before the loop looks at new events again
 REPLAY_STEP = 200
+#: ... or seconds (checked after each record)
+REPLAY_SECONDS = 0.5
 #: seconds between looks for segments left by other processes
 FOREIGN_CHECK_INTERVAL = 5.0
 
@@ -224,8 +226,13 @@ class Spooler:
         dead: DeadLetters,
         genome_sink: Callable[[str, dict[str, Any]], None],
         max_records: int | None = REPLAY_STEP,
+        max_seconds: float | None = REPLAY_SECONDS,
     ) -> ReplayReport:
-        """Replay up to ``max_records`` records (blocking: run it in a worker thread)."""
+        """
+        Replay up to ``max_records`` records or ``max_seconds`` (blocking: run it in a
+        worker thread). Short steps let the loop spool what is emitted meanwhile, so the
+        lane stays short while a large spool drains.
+        """
         replayer = Replayer(
             self._get(),
             backend,
@@ -237,8 +244,8 @@ class Spooler:
             genome_sink=genome_sink,
             repeats=self._repeats,
         )
-        report = replayer.replay(max_records=max_records)
-        if report.error is None and (max_records is None or report.records < max_records):
+        report = replayer.replay(max_records=max_records, max_seconds=max_seconds)
+        if report.error is None and not report.partial:
             self.foreign = False
         return report
 

@@ -67,6 +67,8 @@ class ReplayReport(NamedTuple):
     segments: int
     #: the retryable error that stopped the replay, if any
     error: DeliveryError | None
+    #: stopped at ``max_records`` or ``max_seconds`` with records left
+    partial: bool = False
 
 
 class Replayer:
@@ -118,10 +120,17 @@ class Replayer:
         self,
         *,
         max_records: int | None = None,
+        max_seconds: float | None = None,
         progress: Callable[[int], None] | None = None,
     ) -> ReplayReport:
-        """Replay claimable segments oldest first until done, ``max_records``, or an error."""
+        """
+        Replay claimable segments oldest first until done, ``max_records``, ``max_seconds``
+        (checked after each record), or an error.
+        """
+        until = None if max_seconds is None else time.monotonic() + max_seconds
+        limit = max_records if max_records is not None else -1
         records = dead = segments = 0
+        partial = False
         events: dict[str, int] = {}
         for claim in self._spool.claim():
             with claim:
@@ -142,17 +151,18 @@ class Replayer:
                             self._on_delivered(record, lost)
                         if progress is not None:
                             progress(1)
-                        if max_records is not None and records + dead >= max_records:
+                        if records + dead == limit or (until and time.monotonic() >= until):
+                            partial = True
                             break
                 except DeliveryError as err:
                     claim.release(offset)  # the record that failed is replayed next time
                     return ReplayReport(records, events, dead, segments, err)
-                if max_records is not None and records + dead >= max_records:
+                if partial:
                     claim.release(claim.position)  # resume right after what was delivered
                     break
                 claim.done()
                 segments += 1
-        return ReplayReport(records, events, dead, segments, None)
+        return ReplayReport(records, events, dead, segments, None, partial)
 
     def _decode(self, raw: object) -> Record | None:
         """The record, or None after dead-lettering an entry this release cannot read."""
