@@ -53,7 +53,7 @@ logger = logging.getLogger("allele.observability")
 #: records one replay step delivers before the loop looks at new events again
 REPLAY_STEP = 200
 #: ... or seconds (checked after each record)
-REPLAY_SECONDS = 0.5
+REPLAY_SECONDS = 5.0
 #: seconds between looks for segments left by other processes
 FOREIGN_CHECK_INTERVAL = 5.0
 
