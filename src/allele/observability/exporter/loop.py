@@ -433,6 +433,4 @@ class Exporter:
         if report.error is not None:
             self._failed(report.error)
             return
-        self._health.succeeded()
-        if self._spooler.own_pending and self._health.state != "recovering":
-            self._health.recovering()
+        self._health.succeeded(spool_empty=not self._spooler.own_pending)
