@@ -39,13 +39,27 @@ from .base import DeliveryError, MetricRow, ParamRow, TagRow
 if TYPE_CHECKING:
     from collections.abc import Sequence
 
-__all__ = ("ProcessBackend",)
+__all__ = ("ProcessBackend", "kill_worker")
 
 _HEADER = struct.Struct("!I")
 #: seconds the worker may take to start, import MLflow and migrate a new sqlite store
 STARTUP_TIMEOUT = 120.0
 #: seconds close() waits for a call in flight before it kills the worker under it
 CLOSE_WAIT = 0.5
+
+
+def kill_worker(proc: subprocess.Popen[bytes] | None) -> None:
+    """Kill a pipe worker, reap it and close its pipes (None: nothing to do)."""
+    if proc is None:
+        return
+    try:
+        proc.kill()
+        proc.wait(timeout=5)
+    except (OSError, subprocess.TimeoutExpired):
+        pass
+    for stream in (proc.stdin, proc.stdout):
+        if stream is not None:
+            stream.close()
 
 
 def _read_exact(fd: int, n: int, deadline: float | None) -> bytes:
@@ -115,16 +129,7 @@ class ProcessBackend:
 
     def _kill(self) -> None:
         proc, self._proc = self._proc, None
-        if proc is None:
-            return
-        try:
-            proc.kill()
-            proc.wait(timeout=5)
-        except (OSError, subprocess.TimeoutExpired):
-            pass
-        for stream in (proc.stdin, proc.stdout):
-            if stream is not None:
-                stream.close()
+        kill_worker(proc)
 
     def _roundtrip(
         self, proc: subprocess.Popen[bytes], request: tuple[Any, ...], timeout: float

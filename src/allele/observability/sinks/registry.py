@@ -30,6 +30,7 @@ from typing import IO, TYPE_CHECKING, Any
 
 from ..backends.base import DeliveryError
 from ..backends.client import classify_exception
+from ..backends.process import kill_worker
 
 if TYPE_CHECKING:
     from ..config import Settings
@@ -179,16 +180,7 @@ class _Worker:
 
     def _kill(self) -> None:
         proc, self._proc = self._proc, None
-        if proc is None:
-            return
-        try:
-            proc.kill()
-            proc.wait(timeout=5)
-        except (OSError, subprocess.TimeoutExpired):
-            pass
-        for stream in (proc.stdin, proc.stdout):
-            if stream is not None:
-                stream.close()
+        kill_worker(proc)
 
     def close(self) -> None:
         with self._lock:
