@@ -39,7 +39,7 @@ from .base import DeliveryError, MetricRow, ParamRow, TagRow
 if TYPE_CHECKING:
     from collections.abc import Sequence
 
-__all__ = ("ProcessBackend", "kill_worker")
+__all__ = ("ProcessBackend", "kill_worker", "read_exact")
 
 _HEADER = struct.Struct("!I")
 #: seconds the worker may take to start, import MLflow and migrate a new sqlite store
@@ -62,7 +62,8 @@ def kill_worker(proc: subprocess.Popen[bytes] | None) -> None:
             stream.close()
 
 
-def _read_exact(fd: int, n: int, deadline: float | None) -> bytes:
+def read_exact(fd: int, n: int, deadline: float | None) -> bytes:
+    """Read ``n`` bytes from a worker pipe by ``deadline`` (TimeoutError, EOFError)."""
     chunks: list[bytes] = []
     while n:
         if deadline is not None:
@@ -140,8 +141,8 @@ class ProcessBackend:
         try:
             _write_frame(proc.stdin, pickle.dumps(request, protocol=pickle.HIGHEST_PROTOCOL))
             fd = proc.stdout.fileno()
-            (size,) = _HEADER.unpack(_read_exact(fd, _HEADER.size, deadline))
-            ok, value = pickle.loads(_read_exact(fd, size, deadline))  # noqa: S301 - our own child
+            (size,) = _HEADER.unpack(read_exact(fd, _HEADER.size, deadline))
+            ok, value = pickle.loads(read_exact(fd, size, deadline))  # noqa: S301 - our own child
         except TimeoutError:
             self._kill()
             raise DeliveryError(
@@ -257,8 +258,8 @@ def _serve() -> None:
     fd = stdin.fileno()
     while True:
         try:
-            (size,) = _HEADER.unpack(_read_exact(fd, _HEADER.size, None))
-            method, args, kwargs = pickle.loads(_read_exact(fd, size, None))  # noqa: S301
+            (size,) = _HEADER.unpack(read_exact(fd, _HEADER.size, None))
+            method, args, kwargs = pickle.loads(read_exact(fd, size, None))  # noqa: S301
         except EOFError:
             return
         try:
