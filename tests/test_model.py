@@ -141,6 +141,11 @@ class ModelMachine(RuleBasedStateMachine):
         #: metrics this instance accepted (the parent's; a child counts its own)
         self.emitted = 0
         self.closed: list[Observability] = []
+        #: invariant violations seen after a step: (step number, what was wrong)
+        self.violations: list[tuple[int, dict[str, Any]]] = []
+        self.steps = 0
+        #: failed export attempts by reason, over every instance of the example
+        self.failures: Counter[str] = Counter()
         self.obs = self._build()
         self._open_run()
 
@@ -271,6 +276,7 @@ class ModelMachine(RuleBasedStateMachine):
         assert stats.is_balanced(), _unbalanced(stats)
         assert stats.total.dropped == 0, stats.drop_reasons
         self.closed.append(self.obs)
+        self.failures.update(stats.failures)
         self.obs = self._build()
         self._open_run()
 
@@ -293,10 +299,20 @@ class ModelMachine(RuleBasedStateMachine):
     # -- invariants --------------------------------------------------------------------------
     @invariant()
     def accounting_balances(self) -> None:
+        """Checked after every step; a violation is kept and reported at the end of the
+        example (where it is found depends on timing; stopping there would make
+        hypothesis's replays draw different steps)."""
         stats = self.obs.stats()
-        assert stats.is_balanced(), _unbalanced(stats)
-        assert stats.total.dropped == 0, stats.drop_reasons
-        assert stats.metric.emitted == self.emitted, (stats.metric, self.emitted)
+        problems: dict[str, Any] = {}
+        if not stats.is_balanced():
+            problems["unbalanced"] = _unbalanced(stats)
+        if stats.total.dropped:
+            problems["dropped"] = stats.drop_reasons
+        if stats.metric.emitted != self.emitted:
+            problems["metrics accepted"] = (stats.metric.emitted, self.emitted)
+        if problems:
+            self.violations.append((self.steps, problems))
+        self.steps += 1
 
     # -- the end of an example ---------------------------------------------------------------
     def restore(self) -> None:
@@ -311,12 +327,18 @@ class ModelMachine(RuleBasedStateMachine):
             self.obs.close(timeout=HANG_GUARD)
         if failing:  # a step failed: that is the error to report, not the model's view
             return
+        assert not self.violations, f"invariants broken after steps: {self.violations}"
         stats = self.obs.stats()
         assert stats.is_balanced(), _unbalanced(stats)
         assert stats.total.pending == 0, stats
         assert stats.total.spooled == 0, stats
         assert stats.total.dropped == 0, stats.drop_reasons
+        self.failures.update(stats.failures)
+        self.check_failures(self.failures)
         self.check_mlflow()
+
+    def check_failures(self, failures: Counter[str]) -> None:
+        """What the failed export attempts of the example may be (any, by default)."""
 
     def check_mlflow(self) -> None:
         client = MlflowClient(tracking_uri=self.read_uri)
@@ -388,6 +410,10 @@ class ModelMachine(RuleBasedStateMachine):
 
 class SqliteMachine(ModelMachine):
     """The sqlite store; its fault: another writer holding the database lock for a while."""
+
+    def check_failures(self, failures: Counter[str]) -> None:
+        """A local store has no network: a missing artifact file is the event's problem."""
+        assert "network_error" not in failures, failures
 
     @rule(hold=st.sampled_from((0.3, 2.5)))
     def store_locked(self, hold: float) -> None:
