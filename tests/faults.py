@@ -102,8 +102,7 @@ class FaultProxy:
         #: requests seen per mode they were answered in ("reset": upstream unreachable)
         self.counts: Counter[str] = Counter()
         self._lock = threading.Lock()
-        self._server = ThreadingHTTPServer(("127.0.0.1", 0), _handler_for(self))
-        self._server.daemon_threads = True
+        self._server = _QuietServer(("127.0.0.1", 0), _handler_for(self))
         self._thread: threading.Thread | None = None
 
     @property
@@ -176,6 +175,13 @@ class FaultProxy:
             raise ConnectionResetError(str(exc)) from exc
         finally:
             conn.close()
+
+
+class _QuietServer(ThreadingHTTPServer):
+    daemon_threads = True
+
+    def handle_error(self, request: Any, client_address: Any) -> None:
+        """A client that hung up (reset, timed out) is part of the test, not an error."""
 
 
 def _handler_for(proxy: FaultProxy) -> type[BaseHTTPRequestHandler]:

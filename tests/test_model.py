@@ -114,6 +114,12 @@ def _unbalanced(stats: Any) -> dict[str, Any]:
     return {**bad, "drop_reasons": stats.drop_reasons, "failures": stats.failures}
 
 
+def _left(stats: Any, column: str) -> dict[str, Any]:
+    """The kinds with events in ``column``, for assertion messages."""
+    kinds = ("metric", "param", "tag", "run", "artifact", "alert", "phase", "genome", "system")
+    return {k: getattr(stats, k) for k in kinds if getattr(getattr(stats, k), column)}
+
+
 def _child_emits(obs: Observability, items: list[tuple[str, float, int]]) -> None:
     """In a forked child: emit into the current run and return (exit hooks deliver)."""
     for name, value, step in items:
@@ -330,8 +336,8 @@ class ModelMachine(RuleBasedStateMachine):
         assert not self.violations, f"invariants broken after steps: {self.violations}"
         stats = self.obs.stats()
         assert stats.is_balanced(), _unbalanced(stats)
-        assert stats.total.pending == 0, stats
-        assert stats.total.spooled == 0, stats
+        assert stats.total.pending == 0, _left(stats, "pending")
+        assert stats.total.spooled == 0, _left(stats, "spooled")
         assert stats.total.dropped == 0, stats.drop_reasons
         self.failures.update(stats.failures)
         self.check_failures(self.failures)
