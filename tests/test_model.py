@@ -26,7 +26,7 @@ from collections import Counter, defaultdict
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar, TypeVar, cast
 
 import pytest
 from hypothesis import HealthCheck, settings
@@ -79,6 +79,9 @@ POISON: list[tuple[str, Callable[[Any], Any], type[Exception]]] = [
 ]
 
 
+M = TypeVar("M", bound="ModelMachine")
+
+
 @dataclass
 class RunModel:
     """What one run must hold in MLflow once everything is delivered."""
@@ -129,9 +132,12 @@ def _child_emits(obs: Observability, items: list[tuple[str, float, int]]) -> Non
 class ModelMachine(RuleBasedStateMachine):
     """The rules every store shares; subclasses add the store's faults."""
 
-    def __init__(self, harness: Harness) -> None:
+    #: set on the subclass each test makes (see :func:`_bound`)
+    harness: ClassVar[Harness]
+
+    def __init__(self) -> None:
         super().__init__()
-        self.h = harness
+        harness = self.h = self.harness
         uid = uuid.uuid4().hex[:12]
         self.dir = harness.workdir / uid
         self.files = self.dir / "files"
@@ -441,14 +447,14 @@ class ServerMachine(ModelMachine):
     holds it a while (the exporter works under it meanwhile); ``heal`` lifts it.
     """
 
-    def __init__(self, harness: Harness, server: MlflowServer, proxy: FaultProxy) -> None:
-        self.server, self.proxy = server, proxy
-        super().__init__(harness)
+    server: ClassVar[MlflowServer]
+    proxy: ClassVar[FaultProxy]
 
     def _fault(self, mode: str, hold: float, delay: float = 0.0) -> None:
-        """Switch the proxy; with ``hold``, flush under the fault that long."""
+        """Switch the proxy; with ``hold``, emit and flush under the fault that long."""
         self.proxy.set(mode, delay)
         if hold:
+            self.metric("loss", 0)
             self.obs.flush(hold)
 
     @rule(mode=st.sampled_from(("401", "403")), hold=st.sampled_from((0.0, 0.5)))
@@ -482,6 +488,11 @@ class ServerMachine(ModelMachine):
         self.proxy.set("pass")
 
 
+def _bound(machine: type[M], **context: Any) -> type[M]:
+    """A subclass of ``machine`` that carries this test's harness (hypothesis builds it)."""
+    return cast("type[M]", type(machine.__name__, (machine,), context))
+
+
 # -- the tests ---------------------------------------------------------------------------------
 @pytest.mark.timeout(600)
 def test_model_sqlite_store(template_db: Path, tmp_path: Path) -> None:
@@ -500,8 +511,8 @@ def test_model_sqlite_store(template_db: Path, tmp_path: Path) -> None:
             },
         )
 
-    harness = Harness(tmp_path, store)
-    run_state_machine_as_test(lambda: SqliteMachine(harness), settings=SETTINGS)
+    machine = _bound(SqliteMachine, harness=Harness(tmp_path, store))
+    run_state_machine_as_test(machine, settings=SETTINGS)
 
 
 @pytest.fixture(name="faulty_server", scope="module")
@@ -530,7 +541,7 @@ def test_model_mlflow_server(
     def store(_example: Path) -> tuple[str, str, dict[str, Any]]:
         return proxy.url, server.url, {}
 
-    harness = Harness(tmp_path, store)
-    run_state_machine_as_test(lambda: ServerMachine(harness, server, proxy), settings=SETTINGS)
-    if os.environ.get("ALLELE_MODEL_VERBOSE"):
+    machine = _bound(ServerMachine, harness=Harness(tmp_path, store), server=server, proxy=proxy)
+    run_state_machine_as_test(machine, settings=SETTINGS)
+    if os.environ.get("ALLELE_MODEL_VERBOSE") and sys.__stderr__ is not None:
         sys.__stderr__.write(f"requests seen by the proxy, per mode: {dict(proxy.counts)}\n")
