@@ -364,8 +364,8 @@ def test_429_carries_retry_after(fake_server: FakeServer) -> None:
     ) == ("rate_limited", True, 7.0)
 
 
-def test_unauthorized_is_rejected_without_secrets(fake_server: FakeServer) -> None:
-    """HTTP 401 is rejected for good, and the message never shows the token."""
+def test_unauthorized_is_kept_for_retry_without_secrets(fake_server: FakeServer) -> None:
+    """HTTP 401 is not the events' fault: retryable ("unauthorized"), never shows the token."""
     url, seen = fake_server(lambda _: (401, {}, _error("UNAUTHENTICATED", f"bad {TOKEN}")))
     backend = RestBackend(url, timeout=5, token=TOKEN)
 
@@ -373,7 +373,7 @@ def test_unauthorized_is_rejected_without_secrets(fake_server: FakeServer) -> No
         backend.end_run("r", "FINISHED", 0)
 
     backend.close()
-    assert (info.value.reason, info.value.retryable) == ("rejected", False)
+    assert (info.value.reason, info.value.retryable) == ("unauthorized", True)
     assert TOKEN not in str(info.value)
     assert f"Bearer {TOKEN}" == seen[0].authorization
 
@@ -412,8 +412,9 @@ def test_reconnects_after_server_closes_idle_connection(fake_server: FakeServer)
     assert len({h.peer for h in seen}) == 3
 
 
-def test_not_mlflow_endpoint_is_rejected(fake_server: FakeServer) -> None:
-    """A 404 without an MLflow error body points at the tracking URI's path."""
+def test_not_mlflow_endpoint_is_kept_for_retry(fake_server: FakeServer) -> None:
+    """A 404 without an MLflow error body points at the tracking URI's path; the events are
+    not at fault, so it is retryable ("unavailable"): they are kept until the URI is fixed."""
     url, _ = fake_server(lambda _: (404, {"Content-Type": "text/html"}, b"<h1>Not Found</h1>"))
     backend = RestBackend(url, timeout=5)
 
@@ -421,7 +422,7 @@ def test_not_mlflow_endpoint_is_rejected(fake_server: FakeServer) -> None:
         backend.ensure_experiment("x", None)
 
     backend.close()
-    assert (info.value.reason, info.value.retryable) == ("rejected", False)
+    assert (info.value.reason, info.value.retryable) == ("unavailable", True)
     assert "tracking URI" in info.value.message
 
 

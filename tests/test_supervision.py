@@ -245,3 +245,38 @@ def test_pending_is_where_the_events_are(make_obs: Callable[..., Observability])
     assert final.total.pending == 0
     assert final.run.delivered == 2
     assert final.is_balanced()
+
+
+def test_alert_chunk_that_cannot_be_written_is_dead_lettered(
+    make_obs: Callable[..., Observability],
+    client: Any,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """An OSError writing an alert chunk (disk full) costs that chunk, not the exporter."""
+    from allele.observability.alerts.store import write_chunk
+    from allele.observability.exporter import delivery
+
+    def disk_full(*args: Any, **kwargs: Any) -> str:
+        raise OSError(28, "No space left on device")
+
+    obs = make_obs(flush_interval=0.05)
+    with obs, obs.run("disk-full", experiment="supervision") as run:
+        monkeypatch.setattr(delivery, "write_chunk", disk_full)
+        obs.alert("lost.to.disk", severity="warning")
+        obs.metric("x", 1.0, step=0)
+        assert obs.flush(30)
+        monkeypatch.setattr(delivery, "write_chunk", write_chunk)
+        obs.alert("written", severity="warning")
+        obs.metric("x", 2.0, step=1)
+        assert obs.flush(30)
+    stats = obs.stats()
+
+    assert [(0, 1.0), (1, 2.0)] == _history(client, run.run_id, "x")
+    assert stats.alert.dead_lettered == 1
+    assert stats.alert.delivered == 1
+    assert stats.state == "closed"
+    letters = [d for d in _dead_letters(tmp_path) if d["kind"] == "alert"]
+    assert len(letters) == 1
+    assert "No space left on device" in letters[0]["message"]
+    assert stats.is_balanced()

@@ -8,8 +8,33 @@ up by itself within ``timeout`` seconds (a bounded socket timeout, no library re
 Exception tree::
 
     DeliveryError            an attempt failed; ``retryable`` says whether to try again
-      (reason "network_error" | "timeout" | "server_error" | "rate_limited" |
-       "rejected" | "unavailable")
+      (reason: one of :data:`REASONS`)
+
+What each reason means, and what delivery and replay do with it:
+
+================  =========  ===============================================================
+reason            retryable  meaning; what happens to the events
+================  =========  ===============================================================
+network_error     yes        refused, reset, DNS, TLS, proxy: kept (spooled), retried
+timeout           yes        no answer in time: kept, retried
+server_error      yes        5xx / INTERNAL_ERROR: kept, retried; a batch that fails so
+                             :data:`REPEAT_LIMIT` times while the store otherwise answers
+                             is isolated like a rejection (its poison rows dead-lettered)
+rate_limited      yes        429: kept, retried no sooner than ``Retry-After``
+unavailable       yes        MLflow not importable, worker died, not an MLflow endpoint:
+                             kept, retried
+unauthorized      yes        401/403, UNAUTHENTICATED, PERMISSION_DENIED: not the events'
+                             fault; kept, retried with backoff, logged once, never split
+rejected          no         a row is invalid (INVALID_PARAMETER_VALUE, 400): the batch is
+                             split in halves until the bad rows are alone; those are
+                             dead-lettered, the rest delivered
+not_found         no         the run (or experiment) is gone (RESOURCE_DOES_NOT_EXIST): the
+                             whole request is dead-lettered, without splitting
+unsupported       no         the server does not offer the feature (FEATURE_DISABLED): the
+                             item is dead-lettered, without splitting
+local_file        no         the local file of an artifact is missing or unreadable: that
+                             artifact is dead-lettered; the store is healthy
+================  =========  ===============================================================
 """
 
 from __future__ import annotations
@@ -23,6 +48,8 @@ if TYPE_CHECKING:
 
 __all__ = (
     "REASONS",
+    "REPEAT_LIMIT",
+    "RETRYABLE_REASONS",
     "Backend",
     "DeliveryError",
     "MetricRow",
@@ -37,8 +64,25 @@ ParamRow = tuple[str, str]
 #: (key, value)
 TagRow = tuple[str, str]
 
-#: the closed set of failure reasons, used in counters and logs
-REASONS = ("network_error", "timeout", "server_error", "rate_limited", "rejected", "unavailable")
+#: the closed set of failure reasons, used in counters, logs and dead letters
+REASONS = (
+    "network_error",
+    "timeout",
+    "server_error",
+    "rate_limited",
+    "unavailable",
+    "unauthorized",
+    "rejected",
+    "not_found",
+    "unsupported",
+    "local_file",
+)
+#: the reasons whose events are kept and retried (the others are dead-lettered)
+RETRYABLE_REASONS = frozenset(
+    {"network_error", "timeout", "server_error", "rate_limited", "unavailable", "unauthorized"}
+)
+#: failed attempts with ``server_error`` after which one batch (or item) is isolated
+REPEAT_LIMIT = 3
 
 
 class DeliveryError(Exception):
@@ -67,6 +111,16 @@ class DeliveryError(Exception):
         self.message = message
         self.retryable = retryable
         self.retry_after = retry_after
+
+    @property
+    def per_row(self) -> bool:
+        """Whether the store refused some rows of the request: split it to find them."""
+        return not self.retryable and self.reason == "rejected"
+
+    @property
+    def repeatable(self) -> bool:
+        """Whether the failure may be caused by the request's content if it repeats."""
+        return self.retryable and self.reason == "server_error"
 
     def __reduce__(self) -> tuple[object, ...]:
         # Keyword-only arguments need help to cross the worker-process pipe.

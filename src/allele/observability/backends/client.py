@@ -17,17 +17,24 @@ processes: the parent's connections are left alone) and the cache's lock is repl
 from __future__ import annotations
 
 import contextlib
+import errno
 import os
 import sys
 import threading
 from typing import TYPE_CHECKING, Any
 
-from .base import DeliveryError, MetricRow, ParamRow, TagRow
+from .base import RETRYABLE_REASONS, DeliveryError, MetricRow, ParamRow, TagRow
 
 if TYPE_CHECKING:
     from collections.abc import Sequence
 
-__all__ = ("ClientBackend", "classify_exception")
+__all__ = (
+    "CODE_REASONS",
+    "ClientBackend",
+    "check_local_files",
+    "classify_exception",
+    "local_file_error",
+)
 
 #: MLflow's store classes that cache an engine per database URI (``_engine_map``)
 _ENGINE_CACHES = (
@@ -54,18 +61,33 @@ def _fresh_engines_in_child() -> None:
 if hasattr(os, "register_at_fork"):
     os.register_at_fork(after_in_child=_fresh_engines_in_child)
 
-#: MLflow error codes that mean "this request can never succeed as it is"
-_REJECTED_CODES = frozenset(
-    {
-        "INVALID_PARAMETER_VALUE",
-        "BAD_REQUEST",
-        "RESOURCE_ALREADY_EXISTS",
-        "RESOURCE_DOES_NOT_EXIST",
-        "INVALID_STATE",
-        "PERMISSION_DENIED",
-        "UNAUTHENTICATED",
-        "FEATURE_DISABLED",
-    }
+#: MLflow error codes and the reason they mean (see the table in :mod:`.base`); any other
+#: code (INTERNAL_ERROR, ...) is a ``server_error``
+CODE_REASONS = {
+    # some rows of the request are invalid: split it to find them
+    "INVALID_PARAMETER_VALUE": "rejected",
+    "BAD_REQUEST": "rejected",
+    "MALFORMED_REQUEST": "rejected",
+    "RESOURCE_ALREADY_EXISTS": "rejected",
+    # the target is gone: the whole request fails, whatever its rows
+    "RESOURCE_DOES_NOT_EXIST": "not_found",
+    "NOT_FOUND": "not_found",
+    "INVALID_STATE": "not_found",
+    "FEATURE_DISABLED": "unsupported",
+    "NOT_IMPLEMENTED": "unsupported",
+    # not the events' fault: keep them and retry
+    "UNAUTHENTICATED": "unauthorized",
+    "PERMISSION_DENIED": "unauthorized",
+    "CUSTOMER_UNAUTHORIZED": "unauthorized",
+    "UNAUTHORIZED": "unauthorized",
+    "REQUEST_LIMIT_EXCEEDED": "rate_limited",
+    "RESOURCE_EXHAUSTED": "rate_limited",
+    "TEMPORARILY_UNAVAILABLE": "unavailable",
+    "ENDPOINT_NOT_FOUND": "unavailable",
+}
+#: errno values of a local file that cannot be read (the event's problem, not the store's)
+_LOCAL_ERRNOS = frozenset(
+    {errno.ENOENT, errno.EACCES, errno.EPERM, errno.EISDIR, errno.ENOTDIR, errno.ELOOP}
 )
 
 
@@ -76,16 +98,63 @@ def classify_exception(exc: BaseException) -> DeliveryError:
     if isinstance(exc, DeliveryError):
         return exc
     code = getattr(exc, "error_code", None)
-    text = f"{type(exc).__name__}: {exc}"[:2000]
-    if code in _REJECTED_CODES:
-        return DeliveryError("rejected", text, retryable=False)
+    named = f"{code}: " if isinstance(code, str) and code and code not in str(exc) else ""
+    text = f"{type(exc).__name__}: {named}{exc}"[:2000]
+    reason = CODE_REASONS.get(code) if isinstance(code, str) else None
+    if reason is not None:
+        return DeliveryError(reason, text, retryable=reason in RETRYABLE_REASONS)
     if isinstance(exc, ImportError):
         return DeliveryError("unavailable", text, retryable=True)
-    if isinstance(exc, TimeoutError):
-        return DeliveryError("timeout", text, retryable=True)
-    if isinstance(exc, (ConnectionError, OSError)):
-        return DeliveryError("network_error", text, retryable=True)
+    # MLflow's HTTP client wraps a refused connection or a timeout in an MlflowException
+    # (INTERNAL_ERROR): what failed is the network, not the server.
+    cause: BaseException | None = exc
+    for _ in range(8):
+        if cause is None:
+            break
+        if isinstance(cause, TimeoutError) or "Timeout" in type(cause).__name__:
+            return DeliveryError("timeout", text, retryable=True)
+        if isinstance(cause, OSError):
+            return DeliveryError("network_error", text, retryable=True)
+        cause = cause.__cause__ or cause.__context__
     return DeliveryError("server_error", text, retryable=True)
+
+
+def check_local_files(local_path: str) -> None:
+    """
+    Raise ``DeliveryError("local_file")`` unless every file of the artifact at
+    ``local_path`` (a file, or a directory walked recursively) can be opened for reading.
+    """
+
+    def fail(exc: OSError) -> None:
+        raise exc
+
+    try:
+        if os.path.isdir(local_path):
+            for root, _, files in os.walk(local_path, onerror=fail):
+                for name in files:
+                    with open(os.path.join(root, name), "rb"):
+                        pass
+        else:
+            with open(local_path, "rb"):
+                pass
+    except OSError as exc:
+        msg = f"cannot read the artifact's local file: {type(exc).__name__}: {exc}"
+        raise DeliveryError("local_file", msg, retryable=False) from None
+
+
+def local_file_error(exc: BaseException, local_path: str) -> DeliveryError | None:
+    """
+    ``DeliveryError("local_file")`` if ``exc`` is about reading ``local_path`` (or a file
+    under it), e.g. the file was deleted during the upload; None if it is the store's.
+    """
+    if not isinstance(exc, OSError) or exc.errno not in _LOCAL_ERRNOS or not exc.filename:
+        return None
+    name = os.path.abspath(os.fsdecode(exc.filename))
+    root = os.path.abspath(local_path)
+    if name != root and not name.startswith(root.rstrip(os.sep) + os.sep):
+        return None
+    msg = f"cannot read the artifact's local file: {type(exc).__name__}: {exc}"
+    return DeliveryError("local_file", msg, retryable=False)
 
 
 class ClientBackend:
@@ -201,9 +270,11 @@ class ClientBackend:
             raise classify_exception(exc) from None
 
     def log_artifact(self, run_id: str, local_path: str, artifact_path: str | None) -> None:
-        """Upload a file or a directory."""
-        import os
-
+        """
+        Upload a file or a directory. A local file that cannot be read is the artifact's
+        problem (``local_file``, not retryable), not the store's.
+        """
+        check_local_files(local_path)
         try:
             client = self._get()
             if os.path.isdir(local_path):
@@ -211,7 +282,7 @@ class ClientBackend:
             else:
                 client.log_artifact(run_id, local_path, artifact_path)
         except Exception as exc:
-            raise classify_exception(exc) from None
+            raise (local_file_error(exc, local_path) or classify_exception(exc)) from None
 
     def close(self) -> None:
         """Drop the client."""

@@ -27,13 +27,15 @@ def make_backend(settings: Settings) -> Backend:
     if scheme in ("http", "https"):
         from .rest import RestBackend
 
-        insecure = os.environ.get("MLFLOW_TRACKING_INSECURE_TLS", "").lower() == "true"
+        env = os.environ
         return RestBackend(
             uri,
             timeout=settings.export_timeout,
             token=settings.auth_token(),
             basic_auth=settings.basic_auth(),
-            insecure_tls=insecure,
+            insecure_tls=env.get("MLFLOW_TRACKING_INSECURE_TLS", "").lower() == "true",
+            server_cert_path=env.get("MLFLOW_TRACKING_SERVER_CERT_PATH") or None,
+            client_cert_path=env.get("MLFLOW_TRACKING_CLIENT_CERT_PATH") or None,
         )
     if settings.delivery_process and scheme.startswith(("sqlite", "postgresql", "mysql", "mssql")):
         from .process import ProcessBackend

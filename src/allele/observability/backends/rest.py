@@ -4,7 +4,10 @@ Delivery to an http(s) tracking server by speaking MLflow's REST API directly.
 ``MlflowClient.log_batch`` costs ~25 us of the caller's CPU per metric over HTTP and its
 HTTP layer retries for minutes. Posting the JSON with :mod:`http.client` costs a few
 microseconds per metric, and every call makes exactly one attempt bounded by ``timeout``
-(the exporter owns retries). Artifacts, which are rare, go through ``MlflowClient``.
+(the exporter owns retries). Artifacts go the same way when the server proxies them
+(``mlflow-artifacts:`` URIs, the default of ``mlflow server``): one ``PUT`` per file with
+the same deadline, credentials, proxy and TLS; only other artifact stores (s3, ...) are
+written through ``MlflowClient``.
 
 NaN and +-inf are sent as the strings ``"NaN"``, ``"Infinity"``, ``"-Infinity"``, as
 MLflow's own client (protobuf JSON) does: a bare ``NaN`` literal is accepted with HTTP 200
@@ -12,13 +15,18 @@ by the server but the metric is stored as value 0, timestamp 0, step 0. Any valu
 cannot parse (a float timestamp, an int param value) is silently mangled the same way, so
 every field is coerced to MLflow's type before it is sent.
 
-Errors (all :class:`~._base.DeliveryError`)::
+Errors (all :class:`~.base.DeliveryError`; the HTTP table is in :mod:`.transport`)::
 
-    refused, reset, DNS, TLS       network_error  retryable
-    socket timeout / deadline      timeout        retryable
-    HTTP 429                       rate_limited   retryable, retry_after from Retry-After
-    HTTP 408, 5xx                  server_error   retryable
-    HTTP 401, 403, other 4xx       rejected       not retryable, MLflow's message
+    refused, reset, DNS, TLS, proxy    network_error  retryable
+    socket timeout / deadline          timeout        retryable
+    HTTP 429                           rate_limited   retryable, retry_after from Retry-After
+    HTTP 408, 5xx                      server_error   retryable (isolated if it repeats)
+    HTTP 401, 403                      unauthorized   retryable, never split
+    HTTP 404 not MLflow's, 405         unavailable    retryable (wrong URI path)
+    RESOURCE_DOES_NOT_EXIST            not_found      not retryable, whole request
+    FEATURE_DISABLED                   unsupported    not retryable, whole request
+    HTTP 400 and other 4xx             rejected       not retryable, split to the bad rows
+    an artifact's local file           local_file     not retryable, that artifact
 """
 
 from __future__ import annotations
@@ -26,17 +34,17 @@ from __future__ import annotations
 import base64
 import http.client
 import json
+import os
 import select
-import ssl
 import threading
 import time
 import weakref
-from email.utils import parsedate_to_datetime
-from typing import TYPE_CHECKING, Any
-from urllib.parse import urlencode, urlsplit
+from typing import IO, TYPE_CHECKING, Any
+from urllib.parse import quote, urlencode, urlsplit
 
 from .base import DeliveryError, MetricRow, ParamRow, TagRow
-from .client import ClientBackend
+from .client import ClientBackend, check_local_files, local_file_error
+from .transport import ApiError, Endpoint, check
 
 if TYPE_CHECKING:
     import socket
@@ -47,16 +55,11 @@ __all__ = ("RestBackend",)
 _ENCODER = json.JSONEncoder(separators=(",", ":"), allow_nan=False)
 _SPECIAL_FLOATS = {"nan": "NaN", "inf": "Infinity", "-inf": "-Infinity"}
 _STALE_ERRORS = (http.client.RemoteDisconnected, BrokenPipeError, ConnectionResetError)
-_MAX_MESSAGE = 1000
-
-
-class _ApiError(DeliveryError):
-    """
-    A :class:`DeliveryError` from an HTTP error response, with MLflow's ``error_code``.
-    """
-
-    #: MLflow's ``error_code`` (``RESOURCE_DOES_NOT_EXIST``, ...), "" if the body had none
-    error_code = ""
+_I64_MIN, _I64_MAX = -(2**63), 2**63 - 1
+#: artifact URIs of a run whose files the server stores itself (``--serve-artifacts``)
+_PROXIED_ARTIFACTS = "mlflow-artifacts:/"
+#: runs whose artifact URI is remembered
+_MAX_ARTIFACT_ROOTS = 1024
 
 
 class _Slot:
@@ -89,10 +92,13 @@ class RestBackend:
         basic_auth: ``(username, password)`` for HTTP basic auth (``MLFLOW_TRACKING_USERNAME``
             / ``MLFLOW_TRACKING_PASSWORD``); taken from the URI's user info if not given.
         insecure_tls: skip certificate verification (``MLFLOW_TRACKING_INSECURE_TLS=true``).
+        server_cert_path: CA bundle (``MLFLOW_TRACKING_SERVER_CERT_PATH``).
+        client_cert_path: client certificate and key (``MLFLOW_TRACKING_CLIENT_CERT_PATH``).
 
-    Each thread keeps one keep-alive connection. Artifacts are uploaded by
-    ``MlflowClient``, which authenticates from the ``MLFLOW_TRACKING_*`` environment and
-    whose duration is bounded by MLflow's own HTTP settings, not by ``timeout``.
+    Each thread keeps one keep-alive connection. ``HTTPS_PROXY``, ``HTTP_PROXY`` and
+    ``NO_PROXY`` are honoured (see :mod:`.transport`). Artifacts the server proxies are
+    uploaded like every other call; for other artifact stores ``MlflowClient`` is used,
+    whose duration is bounded by MLflow's own settings, not by ``timeout``.
     """
 
     def __init__(
@@ -103,6 +109,8 @@ class RestBackend:
         token: str | None = None,
         basic_auth: tuple[str, str] | None = None,
         insecure_tls: bool = False,
+        server_cert_path: str | None = None,
+        client_cert_path: str | None = None,
     ) -> None:
         parts = urlsplit(tracking_uri)
         scheme = parts.scheme.lower()
@@ -110,17 +118,18 @@ class RestBackend:
             raise ValueError("tracking_uri must be http(s)://host[:port][/path]")
         if not timeout > 0:
             raise ValueError(f"timeout must be > 0 seconds, got {timeout!r}")
-        self._host = parts.hostname
-        self._port = parts.port  # raises ValueError on a bad port
-        self._where = f"{self._host}:{self._port or (443 if scheme == 'https' else 80)}"
-        self._base = parts.path.rstrip("/") + "/api/2.0/mlflow/"
+        self._endpoint = Endpoint(
+            scheme,
+            parts.hostname,
+            parts.port,  # raises ValueError on a bad port
+            insecure_tls=insecure_tls,
+            server_cert_path=server_cert_path,
+            client_cert_path=client_cert_path,
+        )
+        self._where = self._endpoint.where
+        self._root = parts.path.rstrip("/")
+        self._base = self._root + "/api/2.0/mlflow/"
         self._timeout = float(timeout)
-        self._tls: ssl.SSLContext | None = None
-        if scheme == "https":
-            self._tls = ssl.create_default_context()
-            if insecure_tls:
-                self._tls.check_hostname = False
-                self._tls.verify_mode = ssl.CERT_NONE
         if basic_auth is None and parts.username is not None:
             basic_auth = (parts.username, parts.password or "")
         self._headers = {"Content-Type": "application/json", "Accept": "application/json"}
@@ -132,6 +141,8 @@ class RestBackend:
             raw = base64.b64encode(f"{basic_auth[0]}:{basic_auth[1]}".encode()).decode("ascii")
             self._headers["Authorization"] = f"Basic {raw}"
             self._secrets = tuple(x for x in (basic_auth[1], raw) if len(x) >= 4)
+        self._secrets += self._endpoint.secrets
+        self._artifact_roots: dict[str, str] = {}
         # The artifact client must not see credentials embedded in the URI.
         netloc = parts.netloc.rpartition("@")[2]
         self._artifacts = ClientBackend(f"{scheme}://{netloc}{parts.path}")
@@ -148,7 +159,7 @@ class RestBackend:
         for _ in range(3):  # each lost race with another process costs one round
             try:
                 exp = _field(self._call("GET", query, None), "experiment")
-            except _ApiError as exc:
+            except ApiError as exc:
                 if exc.error_code != "RESOURCE_DOES_NOT_EXIST":
                     raise
             else:
@@ -156,7 +167,7 @@ class RestBackend:
                 if exp.get("lifecycle_stage") == "deleted":
                     try:
                         self._call("POST", "experiments/restore", {"experiment_id": exp_id})
-                    except _ApiError as exc:  # 404: someone else restored it first
+                    except ApiError as exc:  # 404: someone else restored it first
                         if exc.error_code != "RESOURCE_DOES_NOT_EXIST":
                             raise
                 return exp_id
@@ -165,7 +176,7 @@ class RestBackend:
                 body["artifact_location"] = artifact_location
             try:
                 return str(_field(self._call("POST", "experiments/create", body), "experiment_id"))
-            except _ApiError as exc:
+            except ApiError as exc:
                 if exc.error_code != "RESOURCE_ALREADY_EXISTS":
                     raise
         raise DeliveryError("server_error", f"experiment {name!r} kept changing", retryable=True)
@@ -221,6 +232,21 @@ class RestBackend:
             }
         except (TypeError, ValueError, OverflowError) as exc:
             raise DeliveryError("rejected", f"malformed batch: {exc}", retryable=False) from None
+        rows = body["metrics"]
+        if rows:  # min/max run in C: ~0.02 us per metric
+            steps, times = [m["step"] for m in rows], [m["timestamp"] for m in rows]
+            if (
+                min(steps) < _I64_MIN
+                or max(steps) > _I64_MAX
+                or min(times) < 0
+                or (max(times) > _I64_MAX)
+            ):
+                # The server would answer 200 and store the whole request mangled (step 0).
+                raise DeliveryError(
+                    "rejected",
+                    "a metric step or timestamp is outside the signed 64-bit range MLflow stores",
+                    retryable=False,
+                )
         try:
             payload = _ENCODER.encode(body)
         except ValueError:  # NaN or +-inf somewhere: the rare, slower path
@@ -235,8 +261,48 @@ class RestBackend:
         self._call("POST", "runs/update", body)
 
     def log_artifact(self, run_id: str, local_path: str, artifact_path: str | None) -> None:
-        """Upload a file or directory through ``MlflowClient`` (imported lazily)."""
-        self._artifacts.log_artifact(run_id, local_path, artifact_path)
+        """
+        Upload a file or a directory: one ``PUT`` per file when the server stores the
+        run's artifacts itself, else through ``MlflowClient`` (imported lazily).
+        """
+        check_local_files(local_path)
+        root = self._artifact_root(run_id)
+        if not root.startswith(_PROXIED_ARTIFACTS) or root.startswith("mlflow-artifacts://"):
+            self._artifacts.log_artifact(run_id, local_path, artifact_path)
+            return
+        base = [p for p in (urlsplit(root).path.strip("/"), (artifact_path or "").strip("/")) if p]
+        if os.path.isdir(local_path):
+            for folder, _, files in os.walk(local_path):
+                rel = os.path.relpath(folder, local_path)
+                sub = [] if rel == "." else rel.split(os.sep)
+                for name in sorted(files):
+                    self._put_file(os.path.join(folder, name), [*base, *sub, name])
+        else:
+            self._put_file(local_path, [*base, os.path.basename(local_path)])
+
+    def _artifact_root(self, run_id: str) -> str:
+        root = self._artifact_roots.get(run_id)
+        if root is None:
+            query = "runs/get?" + urlencode({"run_id": run_id})
+            info = _field(_field(self._call("GET", query, None), "run"), "info")
+            root = str(info.get("artifact_uri") or "")
+            if len(self._artifact_roots) >= _MAX_ARTIFACT_ROOTS:
+                self._artifact_roots.clear()
+            self._artifact_roots[run_id] = root
+        return root
+
+    def _put_file(self, path: str, dest: list[str]) -> None:
+        endpoint = "/api/2.0/mlflow-artifacts/artifacts/" + quote("/".join(dest))
+        try:
+            fh = open(path, "rb")  # noqa: SIM115 - closed below, after the request
+        except OSError as exc:
+            raise (
+                local_file_error(exc, path)
+                or DeliveryError("local_file", f"cannot read {path}: {exc}", retryable=False)
+            ) from None
+        with fh:
+            size = os.fstat(fh.fileno()).st_size
+            self._send("PUT", endpoint, fh, idempotent=True, size=size, absolute=True)
 
     def close(self) -> None:
         """Close every thread's connection. Idempotent; later calls raise ``unavailable``."""
@@ -264,12 +330,31 @@ class RestBackend:
         return slot
 
     def _send(
-        self, method: str, endpoint: str, data: bytes | None, *, idempotent: bool
+        self,
+        method: str,
+        endpoint: str,
+        data: bytes | IO[bytes] | None,
+        *,
+        idempotent: bool,
+        size: int | None = None,
+        absolute: bool = False,
     ) -> dict[str, Any]:
+        """
+        One request (once more if a kept-alive connection turned out closed). ``data`` may
+        be an open file of ``size`` bytes; ``absolute``: ``endpoint`` is a path from the
+        server's base path, not from ``api/2.0/mlflow/``.
+        """
         if self._closed:
             raise DeliveryError("unavailable", "the REST backend is closed", retryable=True)
         deadline = time.monotonic() + self._timeout
         what = f"{method} {endpoint.partition('?')[0]} to {self._where}"
+        path = (self._root if absolute else self._base) + endpoint
+        ep = self._endpoint
+        target, headers = ep.target(path), ep.headers(self._headers)
+        if size is not None:
+            headers = {**headers, "Content-Type": "application/octet-stream"}
+            headers["Content-Length"] = str(size)
+        rewind = data.tell() if data is not None and not isinstance(data, bytes) else None
         slot = self._slot()
         for attempt in (0, 1):
             remaining = deadline - time.monotonic()
@@ -281,17 +366,13 @@ class RestBackend:
                 conn = None
             reused = conn is not None
             if conn is None:
-                conn = slot.conn = (
-                    http.client.HTTPSConnection(
-                        self._host, self._port, timeout=remaining, context=self._tls
-                    )
-                    if self._tls is not None
-                    else http.client.HTTPConnection(self._host, self._port, timeout=remaining)
-                )
+                conn = slot.conn = ep.connect(remaining)
             try:
                 if conn.sock is not None:
                     conn.sock.settimeout(remaining)
-                conn.request(method, self._base + endpoint, data, self._headers)
+                if rewind is not None and not isinstance(data, bytes) and data is not None:
+                    data.seek(rewind)
+                conn.request(method, target, data, headers)
                 remaining = deadline - time.monotonic()
                 if remaining <= 0:
                     raise TimeoutError("deadline passed while sending")  # noqa: TRY301
@@ -311,7 +392,7 @@ class RestBackend:
                     continue
                 msg = f"{what}: {type(exc).__name__}: {exc}"
                 raise DeliveryError("network_error", msg, retryable=True) from None
-            return _check(resp.status, resp.getheader("Retry-After"), raw, what, self._secrets)
+            return check(resp.status, resp.getheader("Retry-After"), raw, what, self._secrets)
         raise AssertionError("unreachable")  # pragma: no cover
 
 
@@ -332,50 +413,3 @@ def _field(obj: Any, name: str) -> Any:
         msg = f"unexpected response from the server: no {name!r} field"
         raise DeliveryError("server_error", msg, retryable=True)
     return obj[name]
-
-
-def _retry_after(value: str | None) -> float | None:
-    if not value:
-        return None
-    try:
-        return max(0.0, float(value))
-    except ValueError:
-        pass
-    try:
-        return max(0.0, parsedate_to_datetime(value).timestamp() - time.time())
-    except (TypeError, ValueError, IndexError):
-        return None
-
-
-def _check(
-    status: int, retry_after: str | None, raw: bytes, what: str, secrets: tuple[str, ...]
-) -> dict[str, Any]:
-    try:
-        obj = json.loads(raw) if raw else {}
-    except ValueError:
-        obj = None
-    if 200 <= status < 300:
-        if not isinstance(obj, dict):
-            msg = f"{what}: HTTP {status} without a JSON object (is this an MLflow server?)"
-            raise DeliveryError("server_error", msg, retryable=True)
-        return obj
-    code, text = "", ""
-    if isinstance(obj, dict):
-        code, text = str(obj.get("error_code", "")), str(obj.get("message", ""))
-    else:
-        text = raw[:200].decode("utf-8", "replace")
-    text = f"{what}: HTTP {status} {code}: {text}"
-    reason, retryable, after = "rejected", False, None
-    if status in (408, 429) or status >= 500:
-        reason = "rate_limited" if status == 429 else "server_error"
-        retryable, after = True, _retry_after(retry_after)
-    elif status in (401, 403):
-        text = f"{what}: HTTP {status}: the server refused our credentials (check "
-        text += "MLFLOW_TRACKING_TOKEN or MLFLOW_TRACKING_USERNAME/PASSWORD)"
-    elif status == 404 and not code:
-        text += " (not an MLflow endpoint: check the tracking URI's path)"
-    for secret in secrets:
-        text = text.replace(secret, "***")
-    error = _ApiError(reason, text[:_MAX_MESSAGE], retryable=retryable, retry_after=after)
-    error.error_code = code
-    raise error

@@ -153,7 +153,12 @@ class Router:
         for run, b in list(self.backlogs.items()):  # one C call: atomic under the GIL
             for kind, n in b.counts().items():
                 counts[kind] = counts.get(kind, 0) + n
-            if b.started and run.created_id is None and run.key not in start_spooled:
+            if (
+                b.started
+                and run.created_id is None
+                and not run.inherited  # its start is the parent process's
+                and run.key not in start_spooled
+            ):
                 counts["run"] = counts.get("run", 0) + 1
 
     def finished(self, run: Run) -> None:

@@ -59,15 +59,16 @@ class Health:
             )
             self.state = new
 
-    def succeeded(self) -> None:
-        """An attempt succeeded: no more backoff."""
-        if self._failures:
-            self._failures = 0
-            self.retry_at = 0.0
-            if self.state != "healthy":
+    def succeeded(self, *, spool_empty: bool = True) -> None:
+        """
+        An attempt succeeded: no more backoff; healthy again unless the spool still holds
+        our events (``recovering`` until it is replayed).
+        """
+        self._failures = 0
+        self.retry_at = 0.0
+        new = "healthy" if spool_empty else "recovering"
+        if new != self.state:
+            if new == "healthy":
                 logger.warning("allele-observability: delivery healthy again")
-            self.state = "healthy"
+            self.state = new
 
-    def recovering(self) -> None:
-        """Delivering again, with the spool still being replayed."""
-        self.state = "recovering"

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import threading
 import time
 from typing import TYPE_CHECKING, Any
 
@@ -18,7 +19,7 @@ from ..backends.base import DeliveryError
 if TYPE_CHECKING:
     from collections.abc import Callable
 
-__all__ = ("StoreCalls", "threadsafe_caller")
+__all__ = ("FlushTicket", "StoreCalls", "threadsafe_caller")
 
 #: seconds a store call may overrun its timeout before the loop abandons it
 BACKSTOP_GRACE = 1.0
@@ -105,3 +106,15 @@ def threadsafe_caller(fn: Callable[[], None]) -> Callable[[], None]:
             loop.call_soon_threadsafe(fn)
 
     return call_asyncio
+
+
+class FlushTicket:
+    """A request to deliver everything emitted before it; resolved by the exporter."""
+
+    __slots__ = ("deadline", "done", "ok")
+
+    def __init__(self, deadline: float | None = None) -> None:
+        self.done = threading.Event()
+        self.ok = False
+        #: ``time.monotonic()`` the caller waits until: retries are spaced to fit in it
+        self.deadline = deadline

@@ -26,7 +26,7 @@ from ..sinks.deadletter import DeadLetters
 from ..sinks.registry import GenomeSink
 from .backlog import KIND_OF, Router
 from .backoff import Health
-from .calls import StoreCalls, threadsafe_caller
+from .calls import FlushTicket, StoreCalls, threadsafe_caller
 from .delivery import Delivery
 from .isolation import INTERNAL_ERROR, Isolation
 from .spooling import Spooler
@@ -54,18 +54,6 @@ STARTUP_TIMEOUT = 120.0
 #: seconds before the loop is started again after a failure: base, doubled, capped
 RESTART_BASE = 0.05
 RESTART_CAP = 5.0
-
-
-class FlushTicket:
-    """A request to deliver everything emitted before it; resolved by the exporter."""
-
-    __slots__ = ("deadline", "done", "ok")
-
-    def __init__(self, deadline: float | None = None) -> None:
-        self.done = threading.Event()
-        self.ok = False
-        #: ``time.monotonic()`` the caller waits until: retries are spaced to fit in it
-        self.deadline = deadline
 
 
 class Exporter:
@@ -104,9 +92,8 @@ class Exporter:
         self._isolation = Isolation(accounting, self._dead)
         #: registers genome events (the model registry, or the run only)
         self._genome_sink = GenomeSink(settings)
-        self._delivery = Delivery(
-            settings, accounting, self._router, self._call, self._dead, self._genome_sink
-        )
+        parts = (self._router, self._call, self._dead, self._genome_sink, self._isolation)
+        self._delivery = Delivery(settings, accounting, *parts)
         self._spooler = Spooler(settings, accounting, self._isolation)
         self._tickets: deque[FlushTicket] = deque()
         self._owned_tickets: list[FlushTicket] = []
@@ -189,6 +176,7 @@ class Exporter:
         accounting lock, which the loop moves events under.
         """
         self._router.waiting(counts, self._spooler.started_runs)
+        self._delivery.waiting(counts)
         return counts
 
     @property
@@ -262,6 +250,7 @@ class Exporter:
                 tg.cancel_scope.cancel()
         finally:
             self._spooler.close()
+            self._genome_sink.close()
             backend, self._delivery.backend = self._delivery.backend, None
             if backend is not None:
                 with anyio.CancelScope(shield=True):
@@ -444,6 +433,4 @@ class Exporter:
         if report.error is not None:
             self._failed(report.error)
             return
-        self._health.succeeded()
-        if self._spooler.own_pending and self._health.state != "recovering":
-            self._health.recovering()
+        self._health.succeeded(spool_empty=not self._spooler.own_pending)

@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from ..alerts.store import PRIMARY, prepare_alerts
-from ..sinks.batching import halves, split_batches
+from ..sinks.batching import Repeats, halves, split_batches
 from ..spool.records import (
     AlertsRecord,
     ArtifactRecord,
@@ -52,6 +52,8 @@ logger = logging.getLogger("allele.observability")
 
 #: records one replay step delivers before the loop looks at new events again
 REPLAY_STEP = 200
+#: ... or seconds (checked after each record)
+REPLAY_SECONDS = 5.0
 #: seconds between looks for segments left by other processes
 FOREIGN_CHECK_INTERVAL = 5.0
 
@@ -82,6 +84,8 @@ class Spooler:
         #: segments left by other processes are waiting
         self.foreign = False
         self._checked_at = 0.0
+        #: server errors per record, across replays (poison records are isolated)
+        self._repeats = Repeats()
 
     # -- start-up ------------------------------------------------------------------------
     def start(self) -> None:
@@ -146,6 +150,8 @@ class Spooler:
                 )
             )
             self._started.add(run.key)
+            if run.inherited:  # the parent's start, which this process now carries too
+                self._acct.emitted["run"].inc()
         max_metrics = self._settings.metrics_batch_size
         for bm, bp, bt in split_batches(b.metrics, b.params, b.tags, max_metrics=max_metrics):
             records.append(BatchRecord(*head, run_id, bm, bp, bt, system=False))
@@ -220,8 +226,13 @@ class Spooler:
         dead: DeadLetters,
         genome_sink: Callable[[str, dict[str, Any]], None],
         max_records: int | None = REPLAY_STEP,
+        max_seconds: float | None = REPLAY_SECONDS,
     ) -> ReplayReport:
-        """Replay up to ``max_records`` records (blocking: run it in a worker thread)."""
+        """
+        Replay up to ``max_records`` records or ``max_seconds`` (blocking: run it in a
+        worker thread). Short steps let the loop spool what is emitted meanwhile, so the
+        lane stays short while a large spool drains.
+        """
         replayer = Replayer(
             self._get(),
             backend,
@@ -231,9 +242,10 @@ class Spooler:
             on_delivered=self._on_delivered,
             end_tags=self._end_tags,
             genome_sink=genome_sink,
+            repeats=self._repeats,
         )
-        report = replayer.replay(max_records=max_records)
-        if report.error is None and (max_records is None or report.records < max_records):
+        report = replayer.replay(max_records=max_records, max_seconds=max_seconds)
+        if report.error is None and not report.partial:
             self.foreign = False
         return report
 

@@ -4,15 +4,22 @@ Split a run's pending rows into ``log_batch`` requests within MLflow's limits.
 Limits per request (MLflow 3): 1000 metrics, 100 params, 100 tags, 1000 entities in
 all, and a request body of at most 1,000,000 characters. Params and tags go first so a
 run's configuration lands before its bulk data.
+
+When a store refuses some rows (``DeliveryError.per_row``), :func:`halves` splits the
+batch until they are alone. :class:`Repeats` remembers, across attempts, how often the
+same batch failed with a ``server_error`` (an SQLite overflow comes back as MLflow's
+``INTERNAL_ERROR``, every time): at ``REPEAT_LIMIT`` it is isolated the same way.
 """
 
 from __future__ import annotations
 
 import functools
+import hashlib
 import json
+from collections import OrderedDict
 from typing import TYPE_CHECKING, Any
 
-from ..backends.base import MetricRow, ParamRow, TagRow
+from ..backends.base import REPEAT_LIMIT, MetricRow, ParamRow, TagRow
 
 if TYPE_CHECKING:
     from collections.abc import Iterator, Sequence
@@ -23,6 +30,8 @@ __all__ = (
     "MAX_PARAMS_TAGS",
     "MAX_REQUEST_CHARS",
     "Batch",
+    "Repeats",
+    "batch_identity",
     "halves",
     "split_batches",
 )
@@ -122,3 +131,40 @@ def halves(metrics: list[MetricRow], params: list[ParamRow], tags: list[TagRow])
         )
         for part in (rows[:mid], rows[mid:])
     ]
+
+
+def batch_identity(*parts: Any) -> str:
+    """A stable name for a request's content (run key, rows, ...), to count its failures."""
+    text = json.dumps(parts, default=repr, separators=(",", ":"), allow_nan=True)
+    return hashlib.blake2b(text.encode(), digest_size=16).hexdigest()
+
+
+class Repeats:
+    """
+    Failed attempts per batch identity, bounded (the oldest are forgotten first).
+
+    Args:
+        limit: attempts after which :meth:`failed` says "isolate it".
+        capacity: identities remembered.
+    """
+
+    def __init__(self, limit: int = REPEAT_LIMIT, capacity: int = 1024) -> None:
+        self.limit = limit
+        self._capacity = capacity
+        self._counts: OrderedDict[str, int] = OrderedDict()
+
+    def failed(self, identity: str) -> int:
+        """Count one more failure of ``identity``; return how many it has had."""
+        n = self._counts.pop(identity, 0) + 1
+        self._counts[identity] = n
+        while len(self._counts) > self._capacity:
+            self._counts.popitem(last=False)
+        return n
+
+    def exhausted(self, identity: str) -> bool:
+        """Count one more failure; whether ``identity`` has now failed ``limit`` times."""
+        return self.failed(identity) >= self.limit
+
+    def forget(self, identity: str) -> None:
+        """The batch was delivered or isolated: start from zero."""
+        self._counts.pop(identity, None)

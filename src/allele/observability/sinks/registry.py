@@ -4,12 +4,29 @@ Genome events on their way to the model registry (or to the run only).
 The bus canonicalises and validates a genome at the call; here the exporter (or a replay)
 hands it to :class:`~allele.observability.genomes.GenomeRegistry`, which is idempotent
 across replays and processes, so a genome spooled and replayed twice is one version.
+
+For an http(s) tracking server the registry's ``MlflowClient`` runs in a worker process
+(:class:`_Worker`), started on the first genome, whose environment alone carries
+``MLFLOW_HTTP_REQUEST_MAX_RETRIES=0``, ``MLFLOW_HTTP_REQUEST_TIMEOUT=EXPORT_TIMEOUT`` and
+the credentials of the settings: MLflow's HTTP layer would otherwise retry for minutes in
+the experiment's process, and those variables are process-wide. The exporter gives up
+waiting after ``EXPORT_TIMEOUT`` as for any call; the worker is killed (a retryable
+``timeout``) only if one registration overruns ``REQUESTS_PER_GENOME`` times that, so a
+slow start (importing MLflow) is not paid again on every attempt.
 """
 
 from __future__ import annotations
 
+import math
+import os
+import pickle
+import select
+import struct
+import subprocess
+import sys
 import threading
-from typing import TYPE_CHECKING, Any
+import time
+from typing import IO, TYPE_CHECKING, Any
 
 from ..backends.base import DeliveryError
 from ..backends.client import classify_exception
@@ -19,6 +36,12 @@ if TYPE_CHECKING:
 
 __all__ = ("GenomeSink",)
 
+_HEADER = struct.Struct("!I")
+#: seconds the worker may take to start and import MLflow
+STARTUP_TIMEOUT = 60.0
+#: one registration is ~10 MLflow requests, each bounded by EXPORT_TIMEOUT in the worker
+REQUESTS_PER_GENOME = 10
+
 
 class GenomeSink:
     """
@@ -26,12 +49,16 @@ class GenomeSink:
 
     Args:
         settings: tracking and registry URIs, and whether to register.
+        in_process: use MLflow from this process even for an http(s) server (the worker).
     """
 
-    def __init__(self, settings: Settings) -> None:
+    def __init__(self, settings: Settings, *, in_process: bool = False) -> None:
         self._settings = settings
         self._registry: Any = None
         self._lock = threading.Lock()
+        uri = settings.tracking_uri.lower()
+        remote = uri.startswith(("http:", "https:")) and not in_process
+        self._worker = _Worker(settings) if remote else None
 
     def _get(self) -> Any:
         with self._lock:
@@ -44,6 +71,18 @@ class GenomeSink:
 
     def __call__(self, run_id: str, payload: dict[str, Any]) -> None:
         """Register or log one genome into ``run_id``; raise DeliveryError on failure."""
+        if self._worker is not None:
+            self._worker.call(run_id, payload)
+        else:
+            self.here(run_id, payload)
+
+    def close(self) -> None:
+        """Stop the worker process, if one was started."""
+        if self._worker is not None:
+            self._worker.close()
+
+    def here(self, run_id: str, payload: dict[str, Any]) -> None:
+        """Register or log one genome from this process."""
         from ..genomes.identity import CanonicalGenome
 
         s = self._settings
@@ -67,3 +106,146 @@ class GenomeSink:
             raise
         except Exception as exc:
             raise classify_exception(exc) from None
+
+
+class _Worker:
+    """A worker process that registers genomes with MLflow's retries off (see above)."""
+
+    def __init__(self, settings: Settings) -> None:
+        self._settings = settings
+        self._timeout = settings.export_timeout
+        self._proc: subprocess.Popen[bytes] | None = None
+        self._pid = os.getpid()
+        self._lock = threading.Lock()
+
+    def _spawn(self) -> subprocess.Popen[bytes]:
+        s = self._settings
+        env = dict(os.environ)
+        env["PYTHONPATH"] = os.pathsep.join(p for p in sys.path if p)
+        env["MLFLOW_HTTP_REQUEST_MAX_RETRIES"] = "0"
+        env["MLFLOW_HTTP_REQUEST_TIMEOUT"] = str(max(1, math.ceil(self._timeout)))
+        token, basic = s.auth_token(), s.basic_auth()
+        if token:
+            env["MLFLOW_TRACKING_TOKEN"] = token
+        if basic is not None:
+            env["MLFLOW_TRACKING_USERNAME"], env["MLFLOW_TRACKING_PASSWORD"] = basic
+        proc = self._proc = subprocess.Popen(
+            [sys.executable, "-m", __name__],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.DEVNULL,
+            env=env,
+            close_fds=True,
+        )
+        # The settings travel on the pipe (never in argv): the URIs may hold credentials.
+        config = {
+            "tracking_uri": s.tracking_uri,
+            "model_registry_uri": s.model_registry_uri,
+            "model_registry_enabled": s.model_registry_enabled,
+            "auto_register_models": s.auto_register_models,
+        }
+        self._roundtrip(proc, config, STARTUP_TIMEOUT)
+        return proc
+
+    def call(self, run_id: str, payload: dict[str, Any]) -> None:
+        """Register one genome in the worker; raise DeliveryError on failure."""
+        with self._lock:
+            if self._pid != os.getpid():  # forked: the pipes belong to the parent
+                self._proc, self._pid = None, os.getpid()
+            proc = self._proc
+            if proc is None or proc.poll() is not None:
+                self._kill()
+                proc = self._spawn()
+            self._roundtrip(proc, (run_id, payload), REQUESTS_PER_GENOME * self._timeout)
+
+    def _roundtrip(self, proc: subprocess.Popen[bytes], request: Any, timeout: float) -> None:
+        assert proc.stdin is not None
+        assert proc.stdout is not None
+        deadline = time.monotonic() + timeout
+        try:
+            _write(proc.stdin, request)
+            error = _read(proc.stdout.fileno(), deadline)
+        except TimeoutError:
+            self._kill()
+            msg = f"genome registration exceeded {timeout:g} s"
+            raise DeliveryError("timeout", msg, retryable=True) from None
+        except (EOFError, OSError, pickle.UnpicklingError, struct.error) as exc:
+            self._kill()
+            msg = f"genome worker died ({exc!r})"
+            raise DeliveryError("unavailable", msg, retryable=True) from None
+        if error is not None:
+            assert isinstance(error, DeliveryError)
+            raise error
+
+    def _kill(self) -> None:
+        proc, self._proc = self._proc, None
+        if proc is None:
+            return
+        try:
+            proc.kill()
+            proc.wait(timeout=5)
+        except (OSError, subprocess.TimeoutExpired):
+            pass
+        for stream in (proc.stdin, proc.stdout):
+            if stream is not None:
+                stream.close()
+
+    def close(self) -> None:
+        with self._lock:
+            if self._pid == os.getpid():
+                self._kill()
+            self._proc = None
+
+
+def _write(stream: IO[bytes], obj: Any) -> None:
+    payload = pickle.dumps(obj, protocol=pickle.HIGHEST_PROTOCOL)
+    stream.write(_HEADER.pack(len(payload)) + payload)
+    stream.flush()
+
+
+def _read(fd: int, deadline: float | None) -> Any:
+    def exact(n: int) -> bytes:
+        chunks: list[bytes] = []
+        while n:
+            if deadline is not None:
+                remaining = deadline - time.monotonic()
+                if remaining <= 0 or not select.select([fd], [], [], remaining)[0]:
+                    raise TimeoutError
+            chunk = os.read(fd, min(n, 1 << 20))
+            if not chunk:
+                raise EOFError
+            chunks.append(chunk)
+            n -= len(chunk)
+        return b"".join(chunks)
+
+    (size,) = _HEADER.unpack(exact(_HEADER.size))
+    return pickle.loads(exact(size))  # noqa: S301 - our own parent or child
+
+
+def _serve() -> None:
+    """Worker main loop: the settings first, then one genome per request."""
+    from types import SimpleNamespace
+
+    stdin, stdout = sys.stdin.buffer, sys.stdout.buffer
+    sys.stdout = sys.stderr  # nothing MLflow prints may corrupt the protocol
+    fd = stdin.fileno()
+    config = _read(fd, None)
+    sink = GenomeSink(SimpleNamespace(**config), in_process=True)  # type: ignore[arg-type]
+    _write(stdout, None)
+    while True:
+        try:
+            run_id, payload = _read(fd, None)
+        except EOFError:
+            return
+        try:
+            sink.here(run_id, payload)
+            reply: DeliveryError | None = None
+        except DeliveryError as err:
+            reply = err
+        except Exception as exc:
+            reply = classify_exception(exc)
+        _write(stdout, reply)
+
+
+if __name__ == "__main__":
+    _serve()

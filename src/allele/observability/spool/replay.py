@@ -3,9 +3,15 @@ Replay of spool records into a tracking store.
 
 Records (see :mod:`.records`) are replayed in order, segment by segment, oldest first. A
 run record creates the run unless it exists (the run-key map, then a search by the tag
-``allele.run_key``), so a replay never creates a second run. A record the store rejects
-is dead-lettered (after isolating the bad rows of a batch); a retryable failure stops the
-replay and leaves the rest, with a resume offset, for the next attempt.
+``allele.run_key``), so a replay never creates a second run. A record the store refuses
+for good is dead-lettered with the reason: whole, or after isolating the bad rows of a
+batch when the store refused rows (``DeliveryError.per_row``, found by splitting the batch
+in halves); an artifact whose local file is gone is the record's problem, not the store's.
+A retryable failure stops the replay and leaves the rest, with a resume offset, for the
+next attempt. A record that fails with a ``server_error`` ``REPEAT_LIMIT`` times (counted
+across replays by :class:`~..sinks.batching.Repeats`, keyed by its content) while the
+store answers an empty request for its run is isolated like a rejection, so one poison
+row never blocks the replay forever.
 """
 
 from __future__ import annotations
@@ -19,7 +25,7 @@ from typing import TYPE_CHECKING, Any, NamedTuple
 
 from ..alerts.store import ALERTS_DIR, PHASES_DIR, write_chunk
 from ..backends.base import DeliveryError
-from ..sinks.batching import split_batches
+from ..sinks.batching import Repeats, batch_identity, halves, split_batches
 from .records import (
     AlertsRecord,
     ArtifactRecord,
@@ -61,6 +67,8 @@ class ReplayReport(NamedTuple):
     segments: int
     #: the retryable error that stopped the replay, if any
     error: DeliveryError | None
+    #: stopped at ``max_records`` or ``max_seconds`` with records left
+    partial: bool = False
 
 
 class Replayer:
@@ -74,6 +82,8 @@ class Replayer:
         dead: where rejected records go.
         on_run: called with (key, run_id) when a run is created or found.
         genome_sink: registers genome records (``sinks.registry.GenomeSink``).
+        repeats: server errors per record, kept across replays (pass the same one to
+            every replayer of a spool); a fresh one if not given.
         end_tags: returns fresh accounting tags for a run's end record, or None to use
             the record's own (adjusted: what was spooled is now delivered).
         on_delivered: called with (record, dead) for each record replayed, where ``dead``
@@ -92,6 +102,7 @@ class Replayer:
         on_delivered: Callable[[Record, dict[str, int]], None] | None = None,
         end_tags: Callable[[EndRecord], list[tuple[str, str]] | None] | None = None,
         genome_sink: Callable[[str, dict[str, Any]], None] | None = None,
+        repeats: Repeats | None = None,
     ) -> None:
         self._spool = spool
         self._backend = backend
@@ -103,15 +114,23 @@ class Replayer:
         self._genome_sink = genome_sink
         self._experiments: dict[str, str] = {}
         self._lost: dict[str, int] = {}
+        self._repeats = repeats if repeats is not None else Repeats()
 
     def replay(
         self,
         *,
         max_records: int | None = None,
+        max_seconds: float | None = None,
         progress: Callable[[int], None] | None = None,
     ) -> ReplayReport:
-        """Replay claimable segments oldest first until done, ``max_records``, or an error."""
+        """
+        Replay claimable segments oldest first until done, ``max_records``, ``max_seconds``
+        (checked after each record), or an error.
+        """
+        until = None if max_seconds is None else time.monotonic() + max_seconds
+        limit = max_records if max_records is not None else -1
         records = dead = segments = 0
+        partial = False
         events: dict[str, int] = {}
         for claim in self._spool.claim():
             with claim:
@@ -132,17 +151,18 @@ class Replayer:
                             self._on_delivered(record, lost)
                         if progress is not None:
                             progress(1)
-                        if max_records is not None and records + dead >= max_records:
+                        if records + dead == limit or (until and time.monotonic() >= until):
+                            partial = True
                             break
                 except DeliveryError as err:
                     claim.release(offset)  # the record that failed is replayed next time
                     return ReplayReport(records, events, dead, segments, err)
-                if max_records is not None and records + dead >= max_records:
+                if partial:
                     claim.release(claim.position)  # resume right after what was delivered
                     break
                 claim.done()
                 segments += 1
-        return ReplayReport(records, events, dead, segments, None)
+        return ReplayReport(records, events, dead, segments, None, partial)
 
     def _decode(self, raw: object) -> Record | None:
         """The record, or None after dead-lettering an entry this release cannot read."""
@@ -217,10 +237,30 @@ class Replayer:
                 self._backend.end_run(rid, record.status, record.end_time)
         except DeliveryError as err:
             if err.retryable:
-                raise
+                if isinstance(record, (RunRecord, BatchRecord)) or not self._poison(record, err):
+                    raise
+                err = _isolated(err, self._repeats.limit)
             self._dead_letter(record, err)
             return record.counts()
         return self._lost
+
+    def _poison(self, record: Record, err: DeliveryError) -> bool:
+        """Whether ``record`` failed ``REPEAT_LIMIT`` times while the store is up."""
+        if not err.repeatable:
+            return False
+        identity = batch_identity(encode(record))
+        if not self._repeats.exhausted(identity) or not self._probe(record):
+            return False
+        self._repeats.forget(identity)
+        return True
+
+    def _probe(self, record: Record) -> bool:
+        """Whether the store answers an empty request for the record's run."""
+        try:
+            self._backend.log_batch(self._run_id(record), [], [], [])
+        except DeliveryError:
+            return False
+        return True
 
     def _dead_letter(self, record: Record, err: DeliveryError) -> None:
         """Keep a rejected record in the dead-letter file with the store's reason."""
@@ -285,32 +325,46 @@ class Replayer:
         self._remember(key, found)
 
     def _log_isolating(self, record: BatchRecord, run_id: str) -> None:
-        rows_m = [tuple(m) for m in record.metrics]
-        rows_p = [tuple(p) for p in record.params]
-        rows_t = [tuple(t) for t in record.tags]
-        try:
-            self._backend.log_batch(run_id, rows_m, rows_p, rows_t)
-        except DeliveryError as err:
-            if err.retryable or len(rows_m) + len(rows_p) + len(rows_t) <= 1:
-                raise
-            # Deliver the good rows; only the rejected ones become dead letters.
-            for m in rows_m:
-                self._single(record, run_id, [m], [], [])
-            for p in rows_p:
-                self._single(record, run_id, [], [p], [])
-            for t in rows_t:
-                self._single(record, run_id, [], [], [t])
+        rows: tuple[list[Any], list[Any], list[Any]] = (
+            [tuple(m) for m in record.metrics],
+            [tuple(p) for p in record.params],
+            [tuple(t) for t in record.tags],
+        )
+        stack = [rows]
+        identity, isolating = "", False
+        while stack:
+            part = stack.pop()
+            try:
+                self._backend.log_batch(run_id, *part)
+            except DeliveryError as err:
+                if part is rows and err.repeatable:
+                    identity = batch_identity(encode(record))
+                    isolating = self._repeats.exhausted(identity) and self._probe(record)
+                if err.retryable and not (isolating and err.repeatable):
+                    raise
+                if part is rows and not err.per_row and not err.retryable:
+                    raise  # the whole record is refused: dead-lettered whole by the caller
+                if sum(map(len, part)) > 1 and (err.per_row or err.retryable):
+                    stack.extend(reversed(halves(*part)))
+                    continue
+                if err.retryable:
+                    if not self._probe(record):  # the store broke down meanwhile
+                        raise
+                    err = _isolated(err, self._repeats.limit)
+                rejected = dataclasses.replace(
+                    record, metrics=part[0], params=part[1], tags=part[2]
+                )
+                self._dead_letter(rejected, err)
+                for k, n in rejected.counts().items():
+                    self._lost[k] = self._lost.get(k, 0) + n
+        if identity:
+            self._repeats.forget(identity)
 
-    def _single(self, record: BatchRecord, run_id: str, m: Any, p: Any, t: Any) -> None:
-        try:
-            self._backend.log_batch(run_id, m, p, t)
-        except DeliveryError as err:
-            if err.retryable:
-                raise
-            rejected = dataclasses.replace(record, metrics=m, params=p, tags=t)
-            self._dead_letter(rejected, err)
-            for k, n in rejected.counts().items():
-                self._lost[k] = self._lost.get(k, 0) + n
+
+def _isolated(err: DeliveryError, attempts: int) -> DeliveryError:
+    """The error a poison record is dead-lettered with: same reason, and why."""
+    msg = f"{err.message} (failed {attempts} times while the store answered: isolated)"
+    return DeliveryError(err.reason, msg, retryable=False)
 
 
 def _replayed_tags(acct: list[Any]) -> list[tuple[str, str]]:

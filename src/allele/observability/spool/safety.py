@@ -164,7 +164,7 @@ def check_artifact(directory: Path, path: str) -> None:
             f"artifact copy {path} is gone (uploaded before an interrupted replay, "
             "or pruned by retention)"
         )
-        raise DeliveryError("rejected", msg, retryable=False)
+        raise DeliveryError("local_file", msg, retryable=False)
 
 
 def discard_artifact(directory: Path, path: str) -> None:
