@@ -7,13 +7,18 @@ fresh locks and does not hang.
 
 from __future__ import annotations
 
+import importlib
 import multiprocessing
 import os
 import signal
+import sys
+import threading
 import time
 from typing import Any
 
 from allele.observability import Observability, Settings
+from allele.observability._core.lifecycle import forget_half_imported_modules
+from allele.observability.backends.base import DeliveryError
 from allele.observability.backends.factory import make_backend
 from allele.observability.config import SamplingRule
 
@@ -124,3 +129,102 @@ def test_fork_while_a_sampling_lock_is_held_does_not_hang(store_uri: str, client
     steps = [step for step, _ in _history(client, run.run_id, "fitness")]
     assert steps[0] == 0
     assert steps[-1] == 10  # the child's last point (the series' last) was delivered
+
+
+class _DownInParent:
+    """The parent's store refuses batches while ``down`` is set; the child's never does."""
+
+    def __init__(self, inner: Any, parent_pid: int, down: Any) -> None:
+        self._inner = inner
+        self._parent_pid = parent_pid
+        self._down = down
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._inner, name)
+
+    def log_batch(self, *args: Any, **kwargs: Any) -> Any:
+        if os.getpid() == self._parent_pid and self._down.is_set():
+            raise DeliveryError("network_error", "connection refused (test)", retryable=True)
+        return self._inner.log_batch(*args, **kwargs)
+
+
+def test_a_child_leaves_its_parents_spool_to_the_parent(
+    store_uri: str, client: Any, tmp_path: Any
+) -> None:
+    """
+    The parent spooled (its store failing), tried a replay (its segment is closed and
+    unlocked now), then forks a worker that exits with the store up: the child delivers its
+    own events and leaves the parent's records to the parent, whose close delivers them
+    and balances (the child used to replay them at its exit, counted as nobody's: the
+    parent then waited for its own records until the deadline and reported them spooled).
+    """
+    parent = os.getpid()
+    down = threading.Event()
+    down.set()
+
+    def factory(settings: Settings) -> Any:
+        return _DownInParent(make_backend(settings), parent, down)
+
+    obs = Observability.from_env(
+        tracking_uri=store_uri,
+        spool_dir=tmp_path / "spool",
+        delivery_process=False,
+        flush_interval=0.1,
+        backend_factory=factory,
+    )
+    with obs.run("spooled-parent", experiment="fork-spool") as run:
+        for step in range(5):
+            obs.metric("parent", float(step), step=step)
+        deadline = time.monotonic() + HANG_GUARD
+        # spooled, then a replay tried (and failed): the segment is closed, unlocked
+        while obs.stats().failures.get("network_error", 0) < 2:
+            assert time.monotonic() < deadline, obs.stats()
+            time.sleep(0.05)
+        assert obs.stats().metric.spooled == 5
+        ctx = multiprocessing.get_context("fork")
+        child = ctx.Process(target=_child_emits, args=(obs,))
+        child.start()
+        child.join(HANG_GUARD)
+        assert child.exitcode == 0
+        down.clear()
+    obs.close(timeout=HANG_GUARD)
+    stats = obs.stats()
+
+    assert stats.metric.spooled == 0, stats.metric
+    assert stats.metric.delivered == 5, stats.metric
+    assert stats.is_balanced()
+    assert [(s, float(s)) for s in range(5)] == _history(client, run.run_id, "parent")
+    assert [(s, float(s)) for s in range(3)] == _history(client, run.run_id, "child")
+
+
+def _child_emits(obs: Observability) -> None:
+    for step in range(3):
+        obs.metric("child", float(step), step=step)
+
+
+def test_a_half_imported_package_is_dropped_with_its_submodules(tmp_path: Any) -> None:
+    """
+    A fork while the exporter thread imports a package leaves it half-initialised in the
+    child; dropping only the package kept its complete submodules, so the re-imported
+    package never got them as attributes ("module 'mlflow' has no attribute 'entities'").
+    """
+    pkg = tmp_path / "halfpkg"
+    (pkg / "sub").mkdir(parents=True)
+    (pkg / "__init__.py").write_text("")
+    (pkg / "sub" / "__init__.py").write_text("VALUE = 1\n")
+    sys.path.insert(0, str(tmp_path))
+    try:
+        importlib.import_module("halfpkg.sub")
+        spec = sys.modules["halfpkg"].__spec__
+        assert spec is not None
+        spec._initializing = True  # type: ignore[attr-defined]  # as a fork mid-import leaves it
+        forget_half_imported_modules()
+        assert "halfpkg" not in sys.modules
+        assert "halfpkg.sub" not in sys.modules
+        package = importlib.import_module("halfpkg")
+        importlib.import_module("halfpkg.sub")
+        assert package.sub.VALUE == 1  # an attribute of the package imported afresh
+    finally:
+        sys.path.remove(str(tmp_path))
+        for name in [m for m in sys.modules if m.split(".")[0] == "halfpkg"]:
+            del sys.modules[name]

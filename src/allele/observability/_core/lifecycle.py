@@ -73,12 +73,19 @@ def forget_half_imported_modules() -> None:
     """
     A fork while another thread was importing (the exporter imports anyio's backend and
     MLflow lazily) leaves that module half-initialised in the child, where no thread will
-    finish it. Drop such modules so the child's exporter imports them afresh.
+    finish it. Drop such modules, and their submodules, so the child's exporter imports
+    them afresh (a complete ``mlflow.entities`` kept under a re-imported ``mlflow`` would
+    never become its attribute: "module 'mlflow' has no attribute 'entities'").
     """
-    for name, module in list(sys.modules.items()):
-        spec = getattr(module, "__spec__", None)
-        if spec is not None and getattr(spec, "_initializing", False):
-            del sys.modules[name]
+    half = [
+        name
+        for name, module in list(sys.modules.items())
+        if getattr(getattr(module, "__spec__", None), "_initializing", False)
+    ]
+    for name in half:
+        prefix = name + "."
+        for other in [m for m in sys.modules if m == name or m.startswith(prefix)]:
+            sys.modules.pop(other, None)
 
 
 def flush_on_sigterm(terminate: Callable[[], bool]) -> None:

@@ -336,6 +336,7 @@ class Observability:
             settings,
             lambda: factory(settings),
             observe=self._after_drain,
+            child=self._child,
         )
 
     def _is_closed(self) -> bool:

@@ -39,7 +39,7 @@ from .base import DeliveryError, MetricRow, ParamRow, TagRow
 if TYPE_CHECKING:
     from collections.abc import Sequence
 
-__all__ = ("ProcessBackend",)
+__all__ = ("ProcessBackend", "kill_worker", "read_exact")
 
 _HEADER = struct.Struct("!I")
 #: seconds the worker may take to start, import MLflow and migrate a new sqlite store
@@ -48,7 +48,22 @@ STARTUP_TIMEOUT = 120.0
 CLOSE_WAIT = 0.5
 
 
-def _read_exact(fd: int, n: int, deadline: float | None) -> bytes:
+def kill_worker(proc: subprocess.Popen[bytes] | None) -> None:
+    """Kill a pipe worker, reap it and close its pipes (None: nothing to do)."""
+    if proc is None:
+        return
+    try:
+        proc.kill()
+        proc.wait(timeout=5)
+    except (OSError, subprocess.TimeoutExpired):
+        pass
+    for stream in (proc.stdin, proc.stdout):
+        if stream is not None:
+            stream.close()
+
+
+def read_exact(fd: int, n: int, deadline: float | None) -> bytes:
+    """Read ``n`` bytes from a worker pipe by ``deadline`` (TimeoutError, EOFError)."""
     chunks: list[bytes] = []
     while n:
         if deadline is not None:
@@ -115,16 +130,7 @@ class ProcessBackend:
 
     def _kill(self) -> None:
         proc, self._proc = self._proc, None
-        if proc is None:
-            return
-        try:
-            proc.kill()
-            proc.wait(timeout=5)
-        except (OSError, subprocess.TimeoutExpired):
-            pass
-        for stream in (proc.stdin, proc.stdout):
-            if stream is not None:
-                stream.close()
+        kill_worker(proc)
 
     def _roundtrip(
         self, proc: subprocess.Popen[bytes], request: tuple[Any, ...], timeout: float
@@ -135,8 +141,8 @@ class ProcessBackend:
         try:
             _write_frame(proc.stdin, pickle.dumps(request, protocol=pickle.HIGHEST_PROTOCOL))
             fd = proc.stdout.fileno()
-            (size,) = _HEADER.unpack(_read_exact(fd, _HEADER.size, deadline))
-            ok, value = pickle.loads(_read_exact(fd, size, deadline))  # noqa: S301 - our own child
+            (size,) = _HEADER.unpack(read_exact(fd, _HEADER.size, deadline))
+            ok, value = pickle.loads(read_exact(fd, size, deadline))  # noqa: S301 - our own child
         except TimeoutError:
             self._kill()
             raise DeliveryError(
@@ -252,8 +258,8 @@ def _serve() -> None:
     fd = stdin.fileno()
     while True:
         try:
-            (size,) = _HEADER.unpack(_read_exact(fd, _HEADER.size, None))
-            method, args, kwargs = pickle.loads(_read_exact(fd, size, None))  # noqa: S301
+            (size,) = _HEADER.unpack(read_exact(fd, _HEADER.size, None))
+            method, args, kwargs = pickle.loads(read_exact(fd, size, None))  # noqa: S301
         except EOFError:
             return
         try:

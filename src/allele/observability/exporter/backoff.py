@@ -71,4 +71,3 @@ class Health:
             if new == "healthy":
                 logger.warning("allele-observability: delivery healthy again")
             self.state = new
-

@@ -67,6 +67,7 @@ class Exporter:
         settings: the effective settings.
         backend_factory: builds the backend (called on the exporter's loop).
         observe: called with each round's drained metrics (detectors, warnings).
+        child: this exporter runs in a forked worker (see ``Spooler``).
     """
 
     def __init__(
@@ -78,6 +79,7 @@ class Exporter:
         backend_factory: Callable[[], Backend],
         *,
         observe: Callable[[list[MetricEvent]], None] | None = None,
+        child: bool = False,
     ) -> None:
         self._source = source
         self._runs = runs
@@ -94,7 +96,7 @@ class Exporter:
         self._genome_sink = GenomeSink(settings)
         parts = (self._router, self._call, self._dead, self._genome_sink, self._isolation)
         self._delivery = Delivery(settings, accounting, *parts)
-        self._spooler = Spooler(settings, accounting, self._isolation)
+        self._spooler = Spooler(settings, accounting, self._isolation, child=child)
         self._tickets: deque[FlushTicket] = deque()
         self._owned_tickets: list[FlushTicket] = []
         self._stop = False

@@ -66,10 +66,15 @@ class Spooler:
         settings: the effective settings (spool dir, size bound, prefix).
         accounting: whose counts move as records are spooled and replayed.
         isolation: where a record that cannot be spooled (not JSON, too large) goes.
+        child: this is a forked worker's exporter: it replays only what it spooled itself
+            (its parent, alive, replays the rest and counts its own events there).
     """
 
-    def __init__(self, settings: Settings, accounting: Accounting, isolation: Isolation) -> None:
+    def __init__(
+        self, settings: Settings, accounting: Accounting, isolation: Isolation, *, child: bool
+    ) -> None:
         self._acct = accounting
+        self._child = child
         self._isolation = isolation
         self._settings = settings
         self._dir = Path(settings.spool_dir)
@@ -90,7 +95,7 @@ class Spooler:
     # -- start-up ------------------------------------------------------------------------
     def start(self) -> None:
         """Prune old local files; note whether older processes left segments to replay."""
-        if not self._dir.exists():
+        if self._child or not self._dir.exists():
             return
         try:
             removed = prune(self._dir, older_than_days=self._settings.artifact_retention_days)
@@ -106,6 +111,8 @@ class Spooler:
         terminated forked workers, left behind; return whether there are any.
         """
         now = time.monotonic()
+        if self._child:
+            return False
         if now - self._checked_at < every:
             return self.foreign
         self._checked_at = now
@@ -243,6 +250,7 @@ class Spooler:
             end_tags=self._end_tags,
             genome_sink=genome_sink,
             repeats=self._repeats,
+            own_only=self._child,
         )
         report = replayer.replay(max_records=max_records, max_seconds=max_seconds)
         if report.error is None and not report.partial:

@@ -20,7 +20,6 @@ from __future__ import annotations
 import math
 import os
 import pickle
-import select
 import struct
 import subprocess
 import sys
@@ -30,6 +29,7 @@ from typing import IO, TYPE_CHECKING, Any
 
 from ..backends.base import DeliveryError
 from ..backends.client import classify_exception
+from ..backends.process import kill_worker, read_exact
 
 if TYPE_CHECKING:
     from ..config import Settings
@@ -179,16 +179,7 @@ class _Worker:
 
     def _kill(self) -> None:
         proc, self._proc = self._proc, None
-        if proc is None:
-            return
-        try:
-            proc.kill()
-            proc.wait(timeout=5)
-        except (OSError, subprocess.TimeoutExpired):
-            pass
-        for stream in (proc.stdin, proc.stdout):
-            if stream is not None:
-                stream.close()
+        kill_worker(proc)
 
     def close(self) -> None:
         with self._lock:
@@ -204,22 +195,8 @@ def _write(stream: IO[bytes], obj: Any) -> None:
 
 
 def _read(fd: int, deadline: float | None) -> Any:
-    def exact(n: int) -> bytes:
-        chunks: list[bytes] = []
-        while n:
-            if deadline is not None:
-                remaining = deadline - time.monotonic()
-                if remaining <= 0 or not select.select([fd], [], [], remaining)[0]:
-                    raise TimeoutError
-            chunk = os.read(fd, min(n, 1 << 20))
-            if not chunk:
-                raise EOFError
-            chunks.append(chunk)
-            n -= len(chunk)
-        return b"".join(chunks)
-
-    (size,) = _HEADER.unpack(exact(_HEADER.size))
-    return pickle.loads(exact(size))  # noqa: S301 - our own parent or child
+    (size,) = _HEADER.unpack(read_exact(fd, _HEADER.size, deadline))
+    return pickle.loads(read_exact(fd, size, deadline))  # noqa: S301 - our own parent or child
 
 
 def _serve() -> None:

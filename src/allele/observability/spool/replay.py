@@ -89,6 +89,7 @@ class Replayer:
         on_delivered: called with (record, dead) for each record replayed, where ``dead``
             counts the events of it that were dead-lettered, per kind (empty: all
             delivered), so the exporter can move its own counts.
+        own_only: replay only the segments this process wrote (see ``Spool.claim``).
     """
 
     def __init__(
@@ -103,8 +104,10 @@ class Replayer:
         end_tags: Callable[[EndRecord], list[tuple[str, str]] | None] | None = None,
         genome_sink: Callable[[str, dict[str, Any]], None] | None = None,
         repeats: Repeats | None = None,
+        own_only: bool = False,
     ) -> None:
         self._spool = spool
+        self._own_only = own_only
         self._backend = backend
         self._runs = run_map
         self._dead = dead
@@ -132,7 +135,7 @@ class Replayer:
         records = dead = segments = 0
         partial = False
         events: dict[str, int] = {}
-        for claim in self._spool.claim():
+        for claim in self._spool.claim(own_only=self._own_only):
             with claim:
                 try:
                     for offset, raw in claim.records():  # noqa: B007 - used on failure

@@ -266,9 +266,11 @@ class Spool:
             counters = (self._written, self._dropped, self._corrupt, self._replayed)
         return SpoolStatistics(len(sizes), sum(sizes), *counters)
 
-    def claim(self) -> Iterator[Claim]:
+    def claim(self, *, own_only: bool = False) -> Iterator[Claim]:
         """
-        Yield the replayable segments, oldest first, each locked for this caller alone.
+        Yield the replayable segments, oldest first, each locked for this caller alone;
+        with ``own_only``, only the segments this process wrote (a forked worker leaves its
+        parent's segments to the parent, which counts their events).
 
         The current segment of this spool is closed first, so its records are included.
         Segments locked elsewhere are skipped. A claim still unfinished when the next one is
@@ -282,7 +284,9 @@ class Spool:
         if refused is not None:
             warn_refused(*refused)
             return
-        for _, _, _, path, _ in _scan(self._folder):
+        for _, pid, _, path, _ in _scan(self._folder):
+            if own_only and pid != self._pid:
+                continue
             claim = acquire(self, path)
             if claim is None:
                 continue
