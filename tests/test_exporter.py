@@ -204,3 +204,67 @@ def test_run_accounting_tags_are_written_at_run_end() -> None:
     assert tags["allele.telemetry.complete"] == "true"
     assert tags["allele.telemetry.dropped"] == "0"
     assert int(tags["allele.telemetry.emitted"]) == int(tags["allele.telemetry.delivered"])
+
+
+def test_a_snapshot_from_another_thread_always_balances() -> None:
+    """
+    A producer opens runs with params and tags, logs phases, alerts and tags while another
+    thread takes snapshots: every snapshot balances (an event counted as emitted before it
+    reached its lane was, for a moment, in no column).
+    """
+    backend = InMemoryBackend()
+    obs = _obs(backend, flush_interval=0.01)
+    stop = threading.Event()
+    unbalanced: list[Any] = []
+
+    def watch() -> None:
+        while not stop.is_set():
+            stats = obs.stats()
+            if not stats.is_balanced():
+                unbalanced.append(stats)
+
+    watcher = threading.Thread(target=watch)
+    with obs:
+        watcher.start()
+        try:
+            for i in range(300):
+                with obs.run(f"r{i}", params={"a": 1, "b": 2}, tags={"t": "x"}):
+                    obs.tag("k", str(i))
+                    with obs.phase("generation"):
+                        obs.alert("slow", message=str(i))
+        finally:
+            stop.set()
+            watcher.join()
+    final = obs.stats()
+
+    assert unbalanced == []
+    assert final.is_balanced()
+    assert final.param.emitted == 600
+    assert final.param.delivered == 600
+    assert final.phase.delivered == 300
+
+
+def test_a_run_start_dropped_on_a_full_lane_counts_its_tags_and_params() -> None:
+    """The control lane full: a run's start is dropped with the params and tags it carries."""
+    backend = InMemoryBackend()
+    gate = _Gate()
+    backend.before_call = gate
+    obs = _obs(backend, queue_size=100)  # the control lane holds 1,000 events
+    with obs, obs.run("first"):
+        gate.entered.wait(10)  # the exporter is stuck creating the run
+        for i in range(1000):
+            obs.tag(f"t{i % 10}", str(i))
+        with obs.run("late", params={"a": 1}, tags={"t": "x"}):
+            during = obs.stats()
+        gate.opened.set()
+        assert obs.flush(10)
+    after = obs.stats()
+
+    assert during.run.dropped == 1
+    assert during.param.dropped == 1
+    assert during.param.emitted == 1
+    assert during.is_balanced()
+    assert after.is_balanced()
+    assert after.drop_reasons["queue_full"] == sum(
+        getattr(after, k).dropped for k in ("run", "param", "tag")
+    )

@@ -158,9 +158,9 @@ def test_unspoolable_events_are_dead_lettered_and_the_rest_is_spooled(tmp_path: 
         obs.metric("before", 1.0, step=0)
         # Both bypass validation at the call: they stand for anything the call misses.
         payload = {"genome_id": "g1", "text": "[]", "name": "g", "tags": {"k": object()}}
-        obs._bus.control("genome", ("genome", run, payload))
+        obs._bus.control(("genome", run, payload))
         huge = {"genome_id": "g2", "text": "x" * (frames.MAX_RECORD_BYTES + 10), "name": "g"}
-        obs._bus.control("genome", ("genome", run, huge))
+        obs._bus.control(("genome", run, huge))
         obs.metric("after", 2.0, step=0)
         assert not obs.flush(2)
     stats = obs.stats()

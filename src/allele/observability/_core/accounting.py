@@ -43,9 +43,9 @@ __all__ = (
 KINDS = ("metric", "param", "tag", "run", "artifact", "alert", "phase", "genome", "system")
 #: what the exporter resolves an event to
 OUTCOMES = ("delivered", "dropped", "dead_lettered", "spooled")
-#: key of :meth:`Accounting.statistics`' measured counts: metrics not drained yet (in the
-#: lane or held by a sampler); they are in ``"metric"`` as well
-UNDRAINED = "metric_undrained"
+#: prefix of :meth:`Accounting.statistics`' measured counts of events not drained yet, per
+#: kind (in a lane, or a metric held by a sampler); they are in the kind's count as well
+UNDRAINED = "undrained:"
 #: reasons the bus drops an event for, on the producer's side
 PRODUCER_DROP_REASONS = ("queue_full", "no_run", "closed")
 
@@ -140,10 +140,12 @@ class Accounting:
     """
     The counters of one bus and its exporter.
 
-    Producer side (any thread, lock-free): :attr:`emitted` and :attr:`dropped` per kind,
-    :attr:`sampled_out`, :attr:`folded` alerts and :attr:`drop_reasons`. Metrics are not
-    counted on the hot path at all: an accepted metric is in the lane, drained, held by a
-    sampler, sampled out or dropped, so ``emitted`` is derived from those.
+    Producer side (any thread, lock-free): :attr:`dropped` per kind, :attr:`sampled_out`,
+    :attr:`folded` alerts and :attr:`drop_reasons`. Accepted events are not counted on the
+    producer's side at all: an accepted event is in a lane, drained (counted under the lock,
+    with the drain), held by a sampler, sampled out, folded or dropped, so ``emitted`` is
+    the sum of those, each measured, and a snapshot from any thread is consistent (a count
+    taken before the event reached its lane would show it nowhere for a moment).
 
     Exporter side (under :attr:`lock`): events drained per kind, their outcomes, failed
     attempts by reason, drops by reason, and events replayed from other processes' spools.
@@ -152,7 +154,6 @@ class Accounting:
     def __init__(self) -> None:
         #: re-entrant: the exporter moves events and counts them in one critical section
         self.lock = threading.RLock()
-        self.emitted = {k: AtomicCounter() for k in KINDS}
         self.dropped = {k: AtomicCounter() for k in KINDS}
         self.sampled_out = AtomicCounter()
         #: alerts folded into an earlier identical record (kind alert, column sampled_out)
@@ -168,7 +169,6 @@ class Accounting:
     # -- producer side ------------------------------------------------------------------
     def drop(self, kind: str, reason: str) -> None:
         """Count one event the bus could not accept (emitted and dropped at once)."""
-        self.emitted[kind].inc()
         self.dropped[kind].inc()
         self.drop_reasons[reason].inc()
 
@@ -274,7 +274,7 @@ class Accounting:
             if k == "metric":
                 # Metrics are not counted on the hot path: an accepted one was drained, or
                 # is still in the lane or held by a sampler (both in ``waiting``).
-                emitted = drained[k] + where.get(UNDRAINED, 0) + sampled + dropped_hot
+                emitted = drained[k] + where.get(UNDRAINED + k, 0) + sampled + dropped_hot
                 per_kind[k] = KindStatistics(
                     emitted, delivered, sampled, dropped, dead, spooled, waiting
                 )
@@ -286,8 +286,9 @@ class Accounting:
                 # Alerts folded into an earlier identical one count as sampled out; their
                 # number is in that record's `occurrences`.
                 folded = self.folded.value if k == "alert" else 0
+                emitted = drained[k] + where.get(UNDRAINED + k, 0) + folded + dropped_hot
                 per_kind[k] = KindStatistics(
-                    self.emitted[k].value, delivered, folded, dropped, dead, spooled, waiting
+                    emitted, delivered, folded, dropped, dead, spooled, waiting
                 )
         reasons = {r: c.value for r, c in self.drop_reasons.items() if c.value}
         for r, n in lost.items():

@@ -182,7 +182,7 @@ class Bus:
                 f"MLflow params are immutable (got {text!r})"
             )
         run.params[key] = text
-        self.control("param", ("param", run, key, text))
+        self.control(("param", run, key, text))
 
     def params(self, values: Mapping[str, Any]) -> None:
         """Record several parameters."""
@@ -195,7 +195,7 @@ class Bus:
         text = as_text("tag", key, value, MAX_TAG_VALUE_LENGTH)
         run = CURRENT_RUN.get() or self._fallback("tag")
         if run is not None:
-            self.control("tag", ("tag", run, key, text))
+            self.control(("tag", run, key, text))
 
     def artifact(self, path: str | os.PathLike[str], artifact_path: str | None = None) -> None:
         """Upload a file or directory into the current run's artifacts, in the background."""
@@ -206,7 +206,7 @@ class Bus:
         run = CURRENT_RUN.get() or self._fallback("artifact")
         if run is None:
             return
-        self.control("artifact", ("artifact", run, os.path.abspath(local), artifact_path))
+        self.control(("artifact", run, os.path.abspath(local), artifact_path))
 
     def genome(
         self,
@@ -228,20 +228,22 @@ class Bus:
         if run is not None:
             if generation is None:
                 payload["generation"] = run.step
-            self.control("genome", ("genome", run, payload))
+            self.control(("genome", run, payload))
         return str(payload["genome_id"])
 
-    def control(self, kind: str, event: ControlEvent) -> None:
-        """Put an event of ``kind`` on the control lane (dropped and counted if full)."""
-        self._acct.emitted[kind].inc()
+    def control(self, event: ControlEvent) -> None:
+        """Put an event on the control lane (dropped and counted, per kind, if full)."""
         if len(self._ctrl) < self._ctrl_cap:
             self._ctrl.append(event)
             if self._exporter_sleeping:
                 self._exporter_sleeping = False
                 self._wake()
         else:
-            self._acct.dropped[kind].inc()
-            self._acct.drop_reasons["queue_full"].inc()
+            acct = self._acct
+            for counted, n in _event_counts(event):
+                for _ in range(n):
+                    acct.dropped[counted].inc()
+                    acct.drop_reasons["queue_full"].inc()
             run = event[1]
             if run is not None:
                 run.dropped.inc()
@@ -276,17 +278,14 @@ class Bus:
     def waiting(self, held: int) -> dict[str, int]:
         """
         The events waiting in the lanes per kind, measured (plus ``held``, the metrics
-        samplers hold back; ``UNDRAINED`` repeats the metrics).
+        samplers hold back); each count is repeated under ``UNDRAINED + kind``.
         """
         counts = {"metric": len(self._data) + held}
-        counts[UNDRAINED] = counts["metric"]
         for event in tuple(self._ctrl):  # one C call: atomic under the GIL
-            name = event[0]
-            kind = "run" if name in ("run_start", "run_end") else name
-            counts[kind] = counts.get(kind, 0) + 1
-            if name == "run_start":  # it carries the run's first tags and params
-                counts["tag"] = counts.get("tag", 0) + len(event[2])
-                counts["param"] = counts.get("param", 0) + len(event[3])
+            for kind, n in _event_counts(event):
+                counts[kind] = counts.get(kind, 0) + n
+        for kind, n in list(counts.items()):
+            counts[UNDRAINED + kind] = n
         return counts
 
     def connect(self, wake: Callable[[], None] | None) -> None:
@@ -358,3 +357,14 @@ def _as_float(name: str, value: Any) -> float:
         raise TypeError(
             f"metric {name!r}: value must be a real number, got {cls.__name__}: {value!r}"
         ) from None
+
+
+def _event_counts(event: ControlEvent) -> list[tuple[str, int]]:
+    """
+    The events, per kind, one control event stands for (a run's start carries its first
+    tags and params).
+    """
+    name = event[0]
+    if name == "run_start":
+        return [("run", 1), ("tag", len(event[2])), ("param", len(event[3]))]
+    return [("run" if name == "run_end" else name, 1)]

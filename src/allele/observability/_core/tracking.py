@@ -84,9 +84,9 @@ class RunTracker:
         self._auto_lock = threading.Lock()
         self._registry.after_fork()
 
-    def _control(self, kind: str, event: tuple[Any, ...]) -> None:
+    def _control(self, event: tuple[Any, ...]) -> None:
         assert self._bus is not None
-        self._bus.control(kind, event)
+        self._bus.control(event)
 
     def open(
         self,
@@ -138,13 +138,8 @@ class RunTracker:
             "allele.pid": str(os.getpid()),
             **tags,
         }
-        # The start event carries the run's params and tags: count them under their kinds.
-        emitted = self._acct.emitted
-        for _ in params:
-            emitted["param"].inc()
-        for _ in all_tags:
-            emitted["tag"].inc()
-        self._control("run", ("run_start", run, all_tags, dict(params)))
+        # The start event carries the run's params and tags (counted under their kinds).
+        self._control(("run_start", run, all_tags, dict(params)))
         return run
 
     def _exited(self, run: Run, exc: BaseException | None, tb: TracebackType | None) -> None:
@@ -165,7 +160,7 @@ class RunTracker:
         run.end_time = time.time_ns() // 1_000_000
         self._registry.ended(run)
         if self._settings.enabled:
-            self._control("run", ("run_end", run, status, run.end_time))
+            self._control(("run_end", run, status, run.end_time))
 
     def _record_error(
         self, run: Run, exc: BaseException, tb: TracebackType | None, *, killed: bool
@@ -175,9 +170,9 @@ class RunTracker:
             return
         kind = type(exc).__qualname__
         category = categorize(exc)
-        self._control("tag", ("tag", run, "allele.error.type", kind))
-        self._control("tag", ("tag", run, "allele.error.category", category))
-        self._control("tag", ("tag", run, "allele.error.message", str(exc)[:1000]))
+        self._control(("tag", run, "allele.error.type", kind))
+        self._control(("tag", run, "allele.error.category", category))
+        self._control(("tag", run, "allele.error.message", str(exc)[:1000]))
         self._alert(
             "run.killed" if killed else "run.failed",
             severity="warning" if killed else "error",
@@ -193,7 +188,7 @@ class RunTracker:
             fd = open_private(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC)
             with os.fdopen(fd, "w", encoding="utf-8") as fh:
                 fh.write(text)
-            self._control("artifact", ("artifact", run, str(path), "error"))
+            self._control(("artifact", run, str(path), "error"))
         except OSError as err:
             logger.warning("allele-observability: cannot keep the traceback: %s", err)
 

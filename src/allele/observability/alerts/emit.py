@@ -65,7 +65,7 @@ class Alerter:
         dedupe_window: float,
         open_runs: Callable[[], list[Run]],
         fallback: Callable[[str], Run | None],
-        control: Callable[[str, tuple[Any, ...]], None],
+        control: Callable[[tuple[Any, ...]], None],
         accounting: Accounting,
     ) -> None:
         self._window_ns = int(dedupe_window * 1e9)
@@ -134,8 +134,7 @@ class Alerter:
             ):
                 previous.occurrences += 1
                 previous.last_time = now // 1_000_000
-                self._acct.emitted["alert"].inc()
-                self._acct.folded.inc()
+                self._acct.folded.inc()  # emitted and sampled out at once
                 return str(previous.alert_id)
         base = f"{name}\0{severity}\0{attrs_text}"
         fingerprint = hashlib.sha1(base.encode(), usedforsecurity=False).hexdigest()[:16]
@@ -170,7 +169,7 @@ class Alerter:
             if fallback is None:
                 return str(record.alert_id)
             record.correlated = [(fallback, fallback.step)]
-        self._control("alert", ("alert", run, record))
+        self._control(("alert", run, record))
         return str(record.alert_id)
 
     def detect(

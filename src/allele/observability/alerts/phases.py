@@ -58,7 +58,7 @@ class Phases:
     def __init__(
         self,
         default_run: Callable[[], Run | None],
-        control: Callable[[str, tuple[Any, ...]], None],
+        control: Callable[[tuple[Any, ...]], None],
         closed: Callable[[], bool],
         *,
         enabled: bool = True,
@@ -102,7 +102,7 @@ class Phases:
                         "start_step": start_step,
                         "end_step": run.step,
                     }
-                    self._control("phase", ("phase", run, record))
+                    self._control(("phase", run, record))
 
     def _make_tracer(self) -> Any:
         from opentelemetry import trace

@@ -183,9 +183,9 @@ class Delivery:
                 )
             )
             bm, bp, bt = batch
-            stack = self.in_flight = [batch]
-            self.in_flight_kind = "system" if is_system else "metric"
+            stack = [batch]
             with self._acct.lock:  # from the backlog to the in-flight stack, in one step
+                self.in_flight, self.in_flight_kind = stack, "system" if is_system else "metric"
                 del source[: len(bm)]
                 del b.params[: len(bp)]
                 del b.tags[: len(bt)]

@@ -374,6 +374,9 @@ class Exporter:
             for ev in events:
                 kind = KIND_OF[ev[0]]
                 drained[kind] += 1
+                if ev[0] == "run_start":  # with the run's first tags and params
+                    drained["tag"] += len(ev[2])
+                    drained["param"] += len(ev[3])
                 try:
                     router.route_event(ev)
                 except Exception as exc:  # isolated to this event

@@ -158,7 +158,7 @@ class Spooler:
             )
             self._started.add(run.key)
             if run.inherited:  # the parent's start, which this process now carries too
-                self._acct.emitted["run"].inc()
+                self._acct.drained["run"] += 1
         max_metrics = self._settings.metrics_batch_size
         for bm, bp, bt in split_batches(b.metrics, b.params, b.tags, max_metrics=max_metrics):
             records.append(BatchRecord(*head, run_id, bm, bp, bt, system=False))
