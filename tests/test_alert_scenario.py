@@ -20,9 +20,14 @@ from allele.observability.detectors import Stagnation
 from servers import MlflowServer
 
 
-def _scenario(uri: str, experiment: str) -> dict[str, Any]:
+def _scenario(uri: str, prefix: str, experiment: str) -> dict[str, Any]:
     """Two runs, nested phases, a folded flood, a critical flood, a host-wide alert."""
-    obs = Observability.from_env(tracking_uri=uri, delivery_process=False, alert_dedupe_window=600)
+    obs = Observability.from_env(
+        tracking_uri=uri,
+        delivery_process=False,
+        alert_dedupe_window=600,
+        experiment_prefix=prefix,
+    )
     obs.add_detector(Stagnation("plateau", window=5))
     ids: dict[str, Any] = {}
     b_open, b_release = threading.Event(), threading.Event()
@@ -68,8 +73,8 @@ QUERY_SCRIPT = textwrap.dedent("""
     import json, sys
     from dataclasses import asdict
     from allele.observability import Queries
-    uri, ids = sys.argv[1], json.loads(sys.argv[2])
-    q = Queries(uri)
+    uri, prefix, ids = sys.argv[1], sys.argv[2], json.loads(sys.argv[3])
+    q = Queries(uri, experiment_prefix=prefix)
     names = lambda alerts: sorted(a.name for a in alerts)
     host = q.alert(ids["host"])
     ctx = q.alert_context(ids["nan"], metrics=["fitness.best"], window=2)
@@ -88,10 +93,12 @@ QUERY_SCRIPT = textwrap.dedent("""
 
 
 def _check(uri: str) -> None:
-    experiment = f"scenario-{uuid.uuid4().hex[:8]}"
-    ids = _scenario(uri, experiment)
+    # Its own prefix: the queries that search every experiment (all critical alerts) see
+    # this scenario's only, whatever other tests stored on a shared server.
+    prefix = f"scenario-{uuid.uuid4().hex[:8]}/"
+    ids = _scenario(uri, prefix, "alerts")
     out = subprocess.run(
-        [sys.executable, "-c", QUERY_SCRIPT, uri, json.dumps(ids)],
+        [sys.executable, "-c", QUERY_SCRIPT, uri, prefix, json.dumps(ids)],
         capture_output=True, text=True, timeout=120, check=True,
     )  # fmt: skip
     got = json.loads(out.stdout)

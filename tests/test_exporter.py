@@ -11,6 +11,7 @@ from typing import Any
 import pytest
 
 from allele.observability import DeliveryError, Observability
+from allele.observability.sinks.deadletter import DeadLetters
 from allele.observability.testing import InMemoryBackend
 
 
@@ -268,3 +269,35 @@ def test_a_run_start_dropped_on_a_full_lane_counts_its_tags_and_params() -> None
     assert after.drop_reasons["queue_full"] == sum(
         getattr(after, k).dropped for k in ("run", "param", "tag")
     )
+
+
+def test_an_artifact_gone_before_it_is_spooled_is_dead_lettered_at_once(tmp_path: Path) -> None:
+    """
+    The store is down and the artifact's file is deleted before the exporter spools it:
+    it is dead-lettered there with ``local_file`` (no record the replay would refuse as
+    ``rejected`` later), and the metric beside it is spooled.
+    """
+    backend = InMemoryBackend()
+    gate = _Gate()
+    backend.before_call = gate
+    backend.fail_with = DeliveryError("network_error", "down (test)", retryable=True)
+    spool = tmp_path / "spool"
+    obs = _obs(backend, spool_dir=spool)
+    path = tmp_path / "model.txt"
+    path.write_text("weights\n")
+    with obs.run("gone"):
+        gate.entered.wait(10)  # the exporter is stuck on its first call
+        obs.artifact(path)
+        obs.metric("loss", 1.0, step=0)
+        path.unlink()
+        gate.opened.set()
+    obs.close(timeout=0.5)
+    stats = obs.stats()
+
+    assert stats.artifact.dead_lettered == 1
+    assert stats.artifact.spooled == 0
+    assert stats.metric.spooled == 1
+    assert stats.is_balanced()
+    letters = DeadLetters(spool).read()
+    assert [(d["kind"], d["reason"]) for d in letters] == [("artifact", "local_file")]
+    assert "model.txt" in letters[0]["message"]

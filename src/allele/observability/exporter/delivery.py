@@ -351,13 +351,9 @@ class Delivery:
                     raise
                 self._repeats.forget(identity)
                 err = _isolated(err, self._repeats.limit)
-            self._dead.write(kind, run, rows, err)
             with lock:
-                self._acct.count(run, kind, "dead_lettered", n)
+                self._isolation.dead_letter(kind, run, rows, err, n=n)
                 done(0)
-            logger.warning(
-                "allele-observability: %s dead-lettered (%s): %s", kind, err.reason, err.message
-            )
         else:
             with lock:
                 self._acct.count(run, kind, "delivered", n)

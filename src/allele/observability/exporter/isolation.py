@@ -99,6 +99,25 @@ class Isolation:
         )
         self._acct.count(run, kind, "dead_lettered", n)
 
+    def dead_letter(
+        self,
+        kind: str,
+        run: Run,
+        rows: Sequence[Any],
+        err: DeliveryError,
+        *,
+        n: int | None = None,
+    ) -> None:
+        """
+        Dead-letter ``rows``, ``n`` events of ``kind`` (default ``len(rows)``), for a reason
+        of their own (the store refused them, their file is gone): not a failure of ours.
+        """
+        self._dead.write(kind, run, rows, err)
+        self._acct.count(run, kind, "dead_lettered", len(rows) if n is None else n)
+        logger.warning(
+            "allele-observability: %s dead-lettered (%s): %s", kind, err.reason, err.message
+        )
+
 
 def error_of(where: str, exc: BaseException) -> DeliveryError:
     """The not-retryable :class:`DeliveryError` that stands for ``exc`` in a dead letter."""

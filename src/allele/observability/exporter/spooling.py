@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from ..alerts.store import PRIMARY, prepare_alerts
+from ..backends.base import DeliveryError
 from ..sinks.batching import Repeats, halves, split_batches
 from ..spool.records import (
     AlertsRecord,
@@ -177,9 +178,13 @@ class Spooler:
         if b.phases:
             records.append(PhasesRecord(*head, run_id, b.phases))
         records.extend(GenomeRecord(*head, run_id, g) for g in b.genomes)
-        records.extend(
-            ArtifactRecord(*head, run_id, stash_artifact(self._dir, p), a) for p, a in b.artifacts
-        )  # replay uploads only the spool's own copies
+        for local, apath in b.artifacts:  # replay uploads only the spool's own copies
+            try:
+                copy = stash_artifact(self._dir, local)
+            except DeliveryError as err:  # the file is gone (or the disk full): its own fault
+                self._isolation.dead_letter("artifact", run, [(local, apath)], err)
+            else:
+                records.append(ArtifactRecord(*head, run_id, copy, apath))
         b.metrics, b.system, b.params, b.tags, b.artifacts = [], [], [], [], []
         b.alerts, b.alert_chunks, b.phases, b.genomes = [], [], [], []
         self._own_runs[run.key] = run

@@ -121,8 +121,10 @@ def stash_artifact(directory: Path, path: str) -> str:
     """
     Copy an artifact into ``<directory>/artifacts/<id>/``; return the copy's path.
 
-    If it cannot be copied (gone, unreadable, disk full), the reason is logged and the
-    original path is returned: replay then dead-letters the record with its reason.
+    Raises:
+        DeliveryError: reason ``local_file``, not retryable: it cannot be copied (gone,
+            unreadable, disk full). Replay uploads only the spool's copies, so the caller
+            dead-letters the artifact now, with this reason.
     """
     source = Path(path)
     target = Path(directory) / ARTIFACTS / uuid.uuid4().hex / (source.name or "artifact")
@@ -133,12 +135,10 @@ def stash_artifact(directory: Path, path: str) -> str:
         else:
             _link_or_copy(str(source), str(target))
     except (OSError, shutil.Error) as exc:
-        logger.warning(
-            "allele-observability: cannot copy artifact %s into the spool: %s", path, exc
-        )
         with contextlib.suppress(OSError):
             shutil.rmtree(target.parent)
-        return path
+        msg = f"cannot copy the artifact's local file into the spool: {type(exc).__name__}: {exc}"
+        raise DeliveryError("local_file", msg, retryable=False) from exc
     return str(target)
 
 
