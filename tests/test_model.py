@@ -50,6 +50,8 @@ from servers import MlflowServer
 HANG_GUARD = 60
 EXAMPLES = int(os.environ.get("ALLELE_MODEL_EXAMPLES", "10"))
 STEPS = int(os.environ.get("ALLELE_MODEL_STEPS", "20"))
+#: per test: a deeper search (more examples or steps) gets the time it needs
+TEST_TIMEOUT = max(600, EXAMPLES * STEPS * 4)
 SETTINGS = settings(
     max_examples=EXAMPLES,
     stateful_step_count=STEPS,
@@ -494,7 +496,7 @@ def _bound(machine: type[M], **context: Any) -> type[M]:
 
 
 # -- the tests ---------------------------------------------------------------------------------
-@pytest.mark.timeout(600)
+@pytest.mark.timeout(TEST_TIMEOUT)
 def test_model_sqlite_store(template_db: Path, tmp_path: Path) -> None:
     """Random interleavings against a real sqlite store: MLflow and the model agree."""
 
@@ -531,7 +533,7 @@ def _faulty_server(
 
 
 @pytest.mark.server
-@pytest.mark.timeout(600)
+@pytest.mark.timeout(TEST_TIMEOUT)
 def test_model_mlflow_server(
     faulty_server: tuple[MlflowServer, FaultProxy], tmp_path: Path
 ) -> None:
