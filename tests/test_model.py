@@ -48,7 +48,7 @@ from servers import MlflowServer
 
 #: bound on a forked child's life and on the final close (a hang fails the example)
 HANG_GUARD = 60
-EXAMPLES = int(os.environ.get("ALLELE_MODEL_EXAMPLES", "10"))
+EXAMPLES = int(os.environ.get("ALLELE_MODEL_EXAMPLES", "8"))
 STEPS = int(os.environ.get("ALLELE_MODEL_STEPS", "20"))
 #: per test: a deeper search (more examples or steps) gets the time it needs
 TEST_TIMEOUT = max(600, EXAMPLES * STEPS * 4)
