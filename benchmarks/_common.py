@@ -102,6 +102,17 @@ def rounded(xs: Sequence[float], digits: int = 1) -> list[float]:
 
 
 # -- environment --------------------------------------------------------------------------
+def json_safe(obj: Any) -> Any:
+    """``obj`` for ``json.dumps``: NaN and inf (not JSON) become null, keys strings."""
+    if isinstance(obj, float) and not math.isfinite(obj):
+        return None
+    if isinstance(obj, dict):
+        return {str(k): json_safe(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [json_safe(v) for v in obj]
+    return obj
+
+
 def quiet_logs() -> None:
     """MLflow and alembic log INFO lines on store creation; keep the table readable."""
     logging.basicConfig(level=logging.WARNING)

@@ -11,7 +11,6 @@ from __future__ import annotations
 import argparse
 import gc
 import json
-import math
 import os
 import sys
 import time
@@ -21,7 +20,16 @@ from typing import Any
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from _common import LoadMeter, Section, machine_info, progress, quiet_logs, settle, table
+from _common import (
+    LoadMeter,
+    Section,
+    json_safe,
+    machine_info,
+    progress,
+    quiet_logs,
+    settle,
+    table,
+)
 
 SECTIONS = ("emit", "alerts", "throughput", "overhead")
 DEFAULT_JSON = Path(__file__).resolve().parent / "results" / "latest.json"
@@ -43,17 +51,6 @@ def _run_section(name: str, quick: bool) -> Section:
     import _overhead
 
     return _overhead.run(quick)
-
-
-def _clean(obj: Any) -> Any:
-    """NaN and inf are not JSON: write them as null."""
-    if isinstance(obj, float) and not math.isfinite(obj):
-        return None
-    if isinstance(obj, dict):
-        return {str(k): _clean(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [_clean(v) for v in obj]
-    return obj
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -112,7 +109,7 @@ def main(argv: list[str] | None = None) -> int:
         "summary": summary,
     }
     args.json.parent.mkdir(parents=True, exist_ok=True)
-    args.json.write_text(json.dumps(_clean(result), indent=1) + "\n")
+    args.json.write_text(json.dumps(json_safe(result), indent=1) + "\n")
 
     print()
     print(

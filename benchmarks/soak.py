@@ -46,7 +46,15 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 sys.path.insert(0, str(HERE.parent / "tests"))
 
-from _common import LoadMeter, Section, machine_info, progress, quiet_logs, table  # noqa: E402
+from _common import (  # noqa: E402
+    LoadMeter,
+    Section,
+    json_safe,
+    machine_info,
+    progress,
+    quiet_logs,
+    table,
+)
 
 _EXC_LINE = re.compile(r"^[A-Za-z_][\w.]*(Error|Exception|Group|Interrupt)\b.*")
 POISONS = ("step", "artifact", "alert", "genome", "detector")
@@ -950,7 +958,7 @@ class Harness:
         result["figures"] = sec.to_json()
         if args.json:
             args.json.parent.mkdir(parents=True, exist_ok=True)
-            args.json.write_text(json.dumps(_clean(result), indent=1, default=str) + "\n")
+            args.json.write_text(json.dumps(json_safe(result), indent=1, default=str) + "\n")
             progress(f"results in {args.json}")
         if status == 0 and not args.keep and not args.workdir:
             shutil.rmtree(workdir, ignore_errors=True)
@@ -1050,16 +1058,6 @@ def _rss_growth(samples: list[tuple[float, int]], warmup: float) -> tuple[float 
     if len(after) < 2:
         return None, peak
     return (max(after) - after[0]) / after[0] * 100.0, peak
-
-
-def _clean(obj: Any) -> Any:
-    if isinstance(obj, float) and not math.isfinite(obj):
-        return None
-    if isinstance(obj, dict):
-        return {str(k): _clean(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [_clean(v) for v in obj]
-    return obj
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -22,6 +22,7 @@ retries the batch rather than losing it.
 
 from __future__ import annotations
 
+import abc
 import contextlib
 import os
 import pickle
@@ -39,7 +40,7 @@ from .base import DeliveryError, MetricRow, ParamRow, TagRow
 if TYPE_CHECKING:
     from collections.abc import Sequence
 
-__all__ = ("ProcessBackend", "kill_worker", "read_exact")
+__all__ = ("PipeWorker", "ProcessBackend", "kill_worker", "read_exact")
 
 _HEADER = struct.Struct("!I")
 #: seconds the worker may take to start, import MLflow and migrate a new sqlite store
@@ -83,7 +84,38 @@ def _write_frame(stream: IO[bytes], payload: bytes) -> None:
     stream.flush()
 
 
-class ProcessBackend:
+class PipeWorker(abc.ABC):
+    """
+    Owns a worker process spoken to over its pipes, one request at a time (under
+    ``_lock``): started on first use, replaced once it died, never shared with a forked
+    child (the pipes belong to the parent).
+    """
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._proc: subprocess.Popen[bytes] | None = None
+        self._pid = os.getpid()
+
+    @abc.abstractmethod
+    def _spawn(self) -> subprocess.Popen[bytes]:
+        """Start the worker (set ``_proc`` first, so a failed opening request kills it)."""
+
+    def _live(self) -> subprocess.Popen[bytes]:
+        """This process's worker, started if there is none or it died; hold ``_lock``."""
+        if self._pid != os.getpid():  # forked: the pipes belong to the parent
+            self._proc, self._pid = None, os.getpid()
+        proc = self._proc
+        if proc is None or proc.poll() is not None:
+            self._kill()
+            proc = self._spawn()
+        return proc
+
+    def _kill(self) -> None:
+        proc, self._proc = self._proc, None
+        kill_worker(proc)
+
+
+class ProcessBackend(PipeWorker):
     """
     A :class:`~._base.Backend` that forwards every call to a worker process.
 
@@ -93,11 +125,9 @@ class ProcessBackend:
     """
 
     def __init__(self, tracking_uri: str, *, timeout: float) -> None:
+        super().__init__()
         self._uri = tracking_uri
         self._timeout = timeout
-        self._lock = threading.Lock()
-        self._proc: subprocess.Popen[bytes] | None = None
-        self._pid = os.getpid()
         #: worker processes started so far (1 normally; more after crashes)
         self.spawned = 0
 
@@ -127,10 +157,6 @@ class ProcessBackend:
             self._kill()
             raise
         return proc
-
-    def _kill(self) -> None:
-        proc, self._proc = self._proc, None
-        kill_worker(proc)
 
     def _roundtrip(
         self, proc: subprocess.Popen[bytes], request: tuple[Any, ...], timeout: float
@@ -165,21 +191,11 @@ class ProcessBackend:
         by ``timeout`` like every other.
         """
         with self._lock:
-            if self._pid != os.getpid():
-                self._proc, self._pid = None, os.getpid()
-            if self._proc is None or self._proc.poll() is not None:
-                self._kill()
-                self._spawn()
+            self._live()
 
     def _call(self, method: str, *args: Any, **kwargs: Any) -> Any:
         with self._lock:
-            if self._pid != os.getpid():  # forked: the pipes belong to the parent
-                self._proc, self._pid = None, os.getpid()
-            proc = self._proc
-            if proc is None or proc.poll() is not None:
-                self._kill()
-                proc = self._spawn()
-            return self._roundtrip(proc, (method, args, kwargs), self._timeout)
+            return self._roundtrip(self._live(), (method, args, kwargs), self._timeout)
 
     # -- Backend --------------------------------------------------------------------------
     def ensure_experiment(self, name: str, artifact_location: str | None) -> str:

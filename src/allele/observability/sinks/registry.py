@@ -29,7 +29,7 @@ from typing import IO, TYPE_CHECKING, Any
 
 from ..backends.base import DeliveryError
 from ..backends.client import classify_exception
-from ..backends.process import kill_worker, read_exact
+from ..backends.process import PipeWorker, read_exact
 
 if TYPE_CHECKING:
     from ..config import Settings
@@ -108,15 +108,13 @@ class GenomeSink:
             raise classify_exception(exc) from None
 
 
-class _Worker:
+class _Worker(PipeWorker):
     """A worker process that registers genomes with MLflow's retries off (see above)."""
 
     def __init__(self, settings: Settings) -> None:
+        super().__init__()
         self._settings = settings
         self._timeout = settings.export_timeout
-        self._proc: subprocess.Popen[bytes] | None = None
-        self._pid = os.getpid()
-        self._lock = threading.Lock()
 
     def _spawn(self) -> subprocess.Popen[bytes]:
         s = self._settings
@@ -150,13 +148,7 @@ class _Worker:
     def call(self, run_id: str, payload: dict[str, Any]) -> None:
         """Register one genome in the worker; raise DeliveryError on failure."""
         with self._lock:
-            if self._pid != os.getpid():  # forked: the pipes belong to the parent
-                self._proc, self._pid = None, os.getpid()
-            proc = self._proc
-            if proc is None or proc.poll() is not None:
-                self._kill()
-                proc = self._spawn()
-            self._roundtrip(proc, (run_id, payload), REQUESTS_PER_GENOME * self._timeout)
+            self._roundtrip(self._live(), (run_id, payload), REQUESTS_PER_GENOME * self._timeout)
 
     def _roundtrip(self, proc: subprocess.Popen[bytes], request: Any, timeout: float) -> None:
         assert proc.stdin is not None
@@ -176,10 +168,6 @@ class _Worker:
         if error is not None:
             assert isinstance(error, DeliveryError)
             raise error
-
-    def _kill(self) -> None:
-        proc, self._proc = self._proc, None
-        kill_worker(proc)
 
     def close(self) -> None:
         with self._lock:
